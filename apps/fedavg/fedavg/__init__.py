@@ -1,0 +1,1 @@
+"""flowerbed reference app: FedAvg / FedProx on Fashion-MNIST."""

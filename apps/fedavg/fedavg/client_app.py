@@ -1,0 +1,28 @@
+"""FedAvg ClientApp: local SGD on this node's partition, evaluation on it."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedavg.task import local_evaluate, local_train, parse_config
+from flowerbed.common.client import add_partition_query, partition_of
+from flowerbed.common.records import reply
+
+app = ClientApp()
+add_partition_query(app)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = parse_config(context.run_config)
+    pid, n = partition_of(context)
+    server_round = int(msg.content["config"]["server-round"])
+    arrays, metrics = local_train(cfg, msg.content["arrays"], pid, n, server_round)
+    return Message(content=reply(arrays, **metrics), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = parse_config(context.run_config)
+    pid, n = partition_of(context)
+    metrics = local_evaluate(cfg, msg.content["arrays"], pid, n)
+    return Message(content=reply(None, **metrics), reply_to=msg)

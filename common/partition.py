@@ -1,0 +1,154 @@
+"""Partitioning of local arrays with flwr-datasets' partitioners.
+
+The partitioners operate on a tiny Hugging Face ``Dataset`` holding only the labels and the row
+index, so the arrays themselves are never copied: a partition is an index array into the
+:class:`~flowerbed.common.data.DataBundle`'s train split.
+
+Schemes (``scheme`` argument of :func:`partition_indices`):
+
+``iid``            :class:`flwr_datasets.partitioner.IidPartitioner`
+``dirichlet``      :class:`flwr_datasets.partitioner.DirichletPartitioner` (``alpha``)
+``pathological``   :class:`flwr_datasets.partitioner.PathologicalPartitioner`
+                   (``classes_per_partition``)
+``shard``          :class:`flwr_datasets.partitioner.ShardPartitioner` (``shards_per_partition``)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from flowerbed.common.data import DataError, cache_dir
+
+SCHEMES = ("iid", "dirichlet", "pathological", "shard")
+
+
+def _make_partitioner(scheme: str, num_partitions: int, seed: int, **kw):
+    from flwr_datasets import partitioner as P
+
+    if scheme == "iid":
+        return P.IidPartitioner(num_partitions=num_partitions)
+    if scheme == "dirichlet":
+        return P.DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(kw.get("alpha", 0.5)),
+            min_partition_size=int(kw.get("min_partition_size", 10)),
+            self_balancing=bool(kw.get("self_balancing", False)),
+            seed=seed,
+        )
+    if scheme == "pathological":
+        return P.PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=int(kw.get("classes_per_partition", 2)),
+            seed=seed,
+        )
+    if scheme == "shard":
+        return P.ShardPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_shards_per_partition=int(kw.get("shards_per_partition", 2)),
+            seed=seed,
+        )
+    raise DataError(f"unknown partition scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+
+
+def partition_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    scheme: str = "iid",
+    seed: int = 42,
+    **kwargs,
+) -> list[np.ndarray]:
+    """Split ``range(len(labels))`` into ``num_partitions`` index arrays.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        Integer labels, shape ``(n,)``.
+    num_partitions : int
+        Number of partitions (clients); must be in ``[1, n]``.
+    scheme : str, default "iid"
+        One of :data:`SCHEMES`.
+    seed : int, default 42
+        Seed of the partitioner (the partition is a function of the seed only).
+    **kwargs
+        Scheme options: ``alpha`` (0.5), ``min_partition_size`` (10), ``self_balancing``
+        (False), ``classes_per_partition`` (2), ``shards_per_partition`` (2).
+
+    Raises
+    ------
+    DataError
+        If the request cannot be met (more partitions than samples, an unknown scheme, a
+        Dirichlet draw that cannot give every partition ``min_partition_size`` samples).
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if not isinstance(num_partitions, int | np.integer) or num_partitions < 1:
+        raise DataError(f"num_partitions must be a positive integer, got {num_partitions!r}")
+    if num_partitions > n:
+        raise DataError(f"num_partitions={num_partitions} is larger than the data ({n} samples)")
+    if scheme not in SCHEMES:
+        raise DataError(f"unknown partition scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    desc = f"{num_partitions}|{scheme}|{seed}|{sorted(kwargs.items())}"
+    key = hashlib.sha1(np.ascontiguousarray(labels).tobytes() + desc.encode()).hexdigest()[:16]
+    if key not in _MEMO:
+        _MEMO.clear()  # one partitioning per process is kept in memory
+        _MEMO[key] = _load_or_compute(key, labels, num_partitions, scheme, seed, kwargs)
+    return [a.copy() for a in _MEMO[key]]
+
+
+_MEMO: dict[str, list[np.ndarray]] = {}
+
+
+def _load_or_compute(key, labels, num_partitions, scheme, seed, kwargs) -> list[np.ndarray]:
+    """Partitions from the disk cache (computed once, shared by all processes of a run)."""
+    path = cache_dir() / "partitions" / f"{key}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return [z[f"p{i}"] for i in range(num_partitions)]
+    parts = _compute(labels, num_partitions, scheme, seed, kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, **{f"p{i}": p for i, p in enumerate(parts)})
+    os.replace(tmp, path)
+    return parts
+
+
+def _compute(labels, num_partitions, scheme, seed, kwargs) -> list[np.ndarray]:
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"label": labels.astype(np.int64), "idx": np.arange(len(labels))})
+    part = _make_partitioner(scheme, num_partitions, seed, **kwargs)
+    part.dataset = ds
+    out = []
+    try:
+        for pid in range(num_partitions):
+            out.append(np.asarray(part.load_partition(pid)["idx"], dtype=np.int64))
+    except ValueError as e:  # flwr-datasets signals unmet constraints with ValueError
+        raise DataError(
+            f"partition scheme {scheme!r} with {num_partitions} partitions cannot be met "
+            f"on {len(labels)} samples ({kwargs or 'defaults'}): {e}"
+        ) from e
+    if any(len(p) == 0 for p in out):
+        empty = [i for i, p in enumerate(out) if len(p) == 0]
+        raise DataError(
+            f"partition scheme {scheme!r} left partitions {empty} empty "
+            f"({num_partitions} partitions of {len(labels)} samples)"
+        )
+    return out
+
+
+def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """Per-partition label counts, shape ``(num_partitions, num_classes)``."""
+    return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
+
+
+def save_histograms(path: str | Path, hist: np.ndarray) -> None:
+    """Write the label histograms as JSON (one row per partition)."""
+    Path(path).write_text(json.dumps({"label_histograms": hist.tolist()}))

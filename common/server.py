@@ -1,0 +1,107 @@
+"""ServerApp-side helpers: output folders, centralized evaluation, running a strategy with a
+results file and per-round progress."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from flowerbed.common.data import REPO_ROOT
+from flowerbed.common.results import ResultsWriter
+
+INFO = 20
+
+
+def output_dir(setting: str, app: str) -> Path:
+    """Resolve the run's output folder.
+
+    An absolute ``setting`` is used as is. A relative one (or empty) is placed under
+    ``$FLOWERBED_OUTPUTS`` if set, else ``<repo>/outputs`` when flowerbed runs from a checkout,
+    else ``./outputs``; empty means ``<app>/<timestamp>``.
+    """
+    if setting and Path(setting).is_absolute():
+        return Path(setting)
+    base = os.environ.get("FLOWERBED_OUTPUTS")
+    if base:
+        root = Path(base)
+    elif (REPO_ROOT / "pyproject.toml").exists():
+        root = REPO_ROOT / "outputs"
+    else:
+        root = Path.cwd() / "outputs"
+    return root / (setting or f"{app}/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+def run_strategy(
+    strategy: Strategy,
+    grid: Grid,
+    initial_arrays: ArrayRecord,
+    num_rounds: int,
+    writer: ResultsWriter,
+    train_config: ConfigRecord | None = None,
+    evaluate_config: ConfigRecord | None = None,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    timeout: float = 3600,
+) -> Result:
+    """``strategy.start(...)`` that writes ``results.json`` after every round and logs progress.
+
+    Per round the file gets: the server-side evaluation metrics, the strategy's ``history`` row
+    (bytes sent/received, failures) when it has one, and the round's wall time. Client-side
+    train/evaluate metrics are merged in at the end.
+    """
+    t_last = [time.perf_counter()]
+
+    def _eval(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        res = evaluate_fn(server_round, arrays) if evaluate_fn else None
+        now = time.perf_counter()
+        row: dict[str, Any] = {"round_time_s": round(now - t_last[0], 4)}
+        t_last[0] = now
+        history = getattr(strategy, "history", {})
+        if server_round in history:
+            row.update(history[server_round])
+        if res is not None:
+            row.update({f"server_{k}": v for k, v in res.items()})
+        writer.add_round(server_round, **row)
+        shown = ", ".join(
+            f"{k}={v:.4f}" for k, v in (res or {}).items() if isinstance(v, int | float)
+        )
+        log(
+            INFO,
+            "[flowerbed] round %d/%d %s (%.2f s)",
+            server_round,
+            num_rounds,
+            shown,
+            row["round_time_s"],
+        )
+        return res
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial_arrays,
+        num_rounds=num_rounds,
+        timeout=timeout,
+        train_config=train_config,
+        evaluate_config=evaluate_config,
+        evaluate_fn=_eval,
+    )
+    for rnd, m in result.train_metrics_clientapp.items():
+        writer.add_round(rnd, **{f"train_{k}": v for k, v in m.items()})
+    for rnd, m in result.evaluate_metrics_clientapp.items():
+        writer.add_round(rnd, **{f"client_{k}": v for k, v in m.items()})
+    history = getattr(strategy, "history", {})
+    for rnd, row in history.items():  # rounds whose evaluation was skipped
+        writer.add_round(rnd, **row)
+    totals = {
+        "bytes_sent": sum(r.get("bytes_sent", 0) for r in history.values()),
+        "bytes_received": sum(r.get("bytes_received", 0) for r in history.values()),
+    }
+    writer.set("totals", totals)
+    writer.write(final=True)
+    return result

@@ -1,0 +1,114 @@
+"""Training and evaluation loops on in-memory tensors (CUDA when present)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def get_device(prefer: str = "auto") -> torch.device:
+    """``cuda`` if available (or asked for and present), ``cpu`` otherwise."""
+    if prefer == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator | None = None):
+    """Yield index tensors of a random permutation of ``range(n)`` in batches."""
+    perm = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 1,
+    batch_size: int = 32,
+    lr: float = 0.01,
+    momentum: float = 0.0,
+    max_steps: int | None = None,
+    proximal_mu: float = 0.0,
+    loss_fn: nn.Module | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Local SGD on ``(x, y)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Trained in place.
+    x, y : torch.Tensor
+        Inputs and targets (kept on CPU; batches are moved to ``device``).
+    epochs : int, default 1
+        Passes over the data.
+    batch_size : int, default 32
+        Mini-batch size.
+    lr : float, default 0.01
+        SGD learning rate.
+    momentum : float, default 0.0
+        SGD momentum.
+    max_steps : int or None, default None
+        Stop after this many optimiser steps (None: no cap).
+    proximal_mu : float, default 0.0
+        FedProx proximal coefficient: adds ``mu/2 * ||w - w_global||^2`` (the weights at entry).
+    loss_fn : nn.Module or None, default None
+        Loss; cross-entropy if None.
+    generator : torch.Generator or None, default None
+        Shuffling generator (seed it with :func:`flowerbed.common.seeding.derive_seed`).
+    device : torch.device or None, default None
+        Device; :func:`get_device` if None.
+
+    Returns
+    -------
+    dict
+        ``train_loss`` (mean over steps) and ``steps``.
+    """
+    device = device or get_device()
+    model.to(device).train()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in iterate_minibatches(len(x), batch_size, generator):
+            xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            if global_params is not None:
+                prox = sum(
+                    (p - g).pow(2).sum()
+                    for p, g in zip(model.parameters(), global_params, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return {"train_loss": total / steps, "steps": steps}
+    return {"train_loss": total / max(steps, 1), "steps": steps}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 1024,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Cross-entropy loss and accuracy of ``model`` on ``(x, y)``."""
+    device = device or get_device()
+    model.to(device).eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
+        out = model(xb)
+        loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    n = max(len(x), 1)
+    return {"loss": loss_sum / n, "accuracy": correct / n}

@@ -1,0 +1,146 @@
+"""Run a flowerbed app in this process on Flower's simulation engine (Ray backend).
+
+This is what ``flwr run <app> <local federation>`` does inside its SuperLink, without starting
+a SuperLink, a CLI round trip and a separate ServerApp process: the ServerApp runs in a thread of
+this process and the ClientApps in Ray actors. Both apps get the app's ``pyproject.toml`` config
+fused with ``overrides`` (as with ``flwr run --run-config``).
+
+It uses ``flwr.simulation.run_simulation._run_simulation`` (a private function, pinned by the
+``flwr<1.43`` requirement); ``flwr run`` remains the supported path and is tested end to end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def app_dir(name_or_path: str) -> Path:
+    """``apps/<name>`` (or a path to an app folder); clear error if it is not an app."""
+    p = Path(name_or_path)
+    if not (p / "pyproject.toml").exists():
+        p = REPO_ROOT / "apps" / name_or_path
+    if not (p / "pyproject.toml").exists():
+        known = sorted(
+            d.name for d in (REPO_ROOT / "apps").iterdir() if (d / "pyproject.toml").exists()
+        )
+        raise ValueError(f"unknown app {name_or_path!r}; known: {', '.join(known)}")
+    return p.resolve()
+
+
+def app_config(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """(default run config, components) from an app's ``pyproject.toml``."""
+    from flwr.common.config import get_project_config
+
+    project = get_project_config(path)
+    app = project["tool"]["flwr"]["app"]
+    from flwr.common.config import flatten_dict
+
+    return flatten_dict(app.get("config", {})), app["components"]
+
+
+def load_components(path: Path) -> tuple[Any, Any]:
+    """Import the app's ServerApp and ClientApp objects (the app folder goes on sys.path)."""
+    _, comps = app_config(path)
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+    def load(ref: str):
+        mod, attr = ref.split(":")
+        return getattr(importlib.import_module(mod), attr)
+
+    return load(comps["serverapp"]), load(comps["clientapp"])
+
+
+def backend_config(num_cpus: float = 1, num_gpus: float = 0.0, ray_address: str = "") -> dict:
+    """Ray backend config; a GPU request on a machine without one falls back to CPU, loudly."""
+    gpus = float(num_gpus)
+    if gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            logging.getLogger("flowerbed").warning(
+                "client-resources num-gpus=%s asked for, but no CUDA GPU is present: "
+                "running the virtual clients on CPU",
+                gpus,
+            )
+            gpus = 0.0
+    init_args: dict[str, Any] = {"logging_level": "error", "log_to_driver": True}
+    if ray_address:
+        init_args["address"] = ray_address
+    return {
+        "client_resources": {"num_cpus": float(num_cpus), "num_gpus": gpus},
+        "init_args": init_args,
+    }
+
+
+def run_app(
+    app: str,
+    overrides: dict[str, Any] | None = None,
+    num_supernodes: int = 10,
+    num_cpus: float = 1,
+    num_gpus: float = 0.0,
+    ray_address: str = "",
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run ``app`` with ``overrides`` on ``num_supernodes`` virtual clients; return its config.
+
+    Raises
+    ------
+    ValueError
+        Unknown app, or an override key the app does not declare (before anything starts).
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    path = app_dir(app)
+    defaults, _ = app_config(path)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown run config key {unknown[0]!r} for app {path.name!r}")
+    if num_supernodes < 1:
+        raise ValueError(f"num_supernodes={num_supernodes}: must be >= 1")
+    config = {**defaults, **overrides}
+    server_app, client_app = load_components(path)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run = Run.create_empty(run_id=abs(hash((str(path), os.getpid()))) % (2**62))
+    run.override_config = overrides
+    run.primary_task_id = 1
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = 1  # as _run_simulation does for a run it creates itself
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    ctx = Context(
+        run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config)
+    )
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=_exit_event(),
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config(num_cpus, num_gpus, ray_address),
+        server_app_context=ctx,
+        app_dir=str(path),
+        run=run,
+        is_app=True,
+        verbose_logging=verbose,
+    )
+    return config
+
+
+def _exit_event():
+    from flwr.supercore.telemetry import EventType
+
+    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE
