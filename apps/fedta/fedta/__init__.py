@@ -1,0 +1,1 @@
+"""flowerbed app: FedTA (federated continual learning with tail anchors), CVPR 2025."""
