@@ -1,0 +1,191 @@
+"""PrivFusion ClientApp: one party of the decentralized fusion protocol.
+
+Message types (the ServerApp only relays them between parties):
+
+``train.local``  train the party's model with DP-SGD (Opacus), keep it in ``context.state``, and
+                 release its weights (DP through DP-SGD) and its perturbed activation profiles.
+``train.align``  receive the reference party's released package, match this party's neurons to
+                 it by graph matching on the perturbed statistics only, and release the aligned
+                 weights.
+``train.fuse``   (fusing party) average the aligned models and train the perturbation filter
+                 adapter on its own data with DP-SGD; release the fused model and the adapter.
+``train``        plain local SGD from the global model (the FedAvg baseline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from flowerbed.common.client import add_partition_query, partition_of
+from flowerbed.common.records import load_record, reply, to_record
+from flowerbed.common.seeding import derive_seed, set_seed
+from flowerbed.common.train import get_device, train
+from privfusion.matching import average_layers, match, permute_layers
+from privfusion.task import (
+    activation_stats,
+    arrays_to_layers,
+    budget,
+    layers_of,
+    layers_to_arrays,
+    make_model,
+    parse_config,
+    party_data,
+    set_layers,
+    train_adapter,
+    train_party,
+)
+
+app = ClientApp()
+add_partition_query(app)
+
+
+def _np(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _acts_record(acts: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(
+        {f"act.{i}": torch.from_numpy(a.astype(np.float32)) for i, a in enumerate(acts)}
+    )
+
+
+def _acts(record: ArrayRecord) -> list[np.ndarray]:
+    return [record[f"act.{i}"].numpy().astype(np.float64) for i in range(len(record))]
+
+
+def _finite(metrics: dict) -> dict:
+    return {k: (v if math.isfinite(v) else -1.0) for k, v in metrics.items()}
+
+
+@app.train("local")
+def local(msg: Message, context: Context) -> Message:
+    """Step 1: DP-SGD training and release of the perturbed statistics."""
+    cfg = parse_config(context.run_config)
+    pid, n = partition_of(context)
+    torch.set_num_threads(1)
+    model, info = train_party(cfg, pid, n)
+    x, y, nc = party_data(cfg, pid, n)
+    b = budget(cfg, pid == cfg["fusing-party"])
+    acts, ainfo = activation_stats(
+        model,
+        x,
+        y,
+        nc,
+        cfg["act-samples"],
+        b["act"],
+        b["delta_act"],
+        derive_seed(cfg["seed"], pid, 4),
+    )
+    weights = ArrayRecord(
+        {k: torch.from_numpy(v) for k, v in layers_to_arrays(layers_of(model)).items()}
+    )
+    # the party keeps its model and its own released statistics for the matching step
+    context.state["model"] = weights
+    context.state["acts"] = _acts_record(acts)
+    eps_spent = info["epsilon"] + b["act"]
+    metrics = {
+        "partition-id": pid,
+        "num-examples": info["num-examples"],
+        "eps_sgd": info["epsilon"],
+        "eps_act": b["act"],
+        "eps_spent": eps_spent,
+        "delta_spent": b["delta_sgd"] + b["delta_act"],
+        "noise_multiplier": info["noise_multiplier"],
+        "sample_rate": info["sample_rate"],
+        "steps": info["steps"],
+        "act_sigma": ainfo["act_sigma"],
+        "train_loss": info["train_loss"],
+    }
+    content = RecordDict(
+        {"weights": weights, "acts": _acts_record(acts), "metrics": MetricRecord(_finite(metrics))}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.train("align")
+def align(msg: Message, context: Context) -> Message:
+    """Step 2: match own neurons to the reference party's released package, release aligned."""
+    cfg = parse_config(context.run_config)
+    pid, _ = partition_of(context)
+    if "model" not in context.state:
+        raise RuntimeError(f"party {pid}: train.align before train.local")
+    own = arrays_to_layers(_np(context.state["model"]))
+    ref = arrays_to_layers(_np(msg.content["weights"]))
+    # only released (perturbed) statistics enter the matching, our own included: the permutation
+    # is revealed through the aligned weights
+    perms = match(
+        ref,
+        own,
+        _acts(msg.content["acts"]),
+        _acts(context.state["acts"]),
+        method=cfg["matcher"],
+        act_weight=cfg["act-weight"],
+    )
+    aligned = permute_layers(own, perms)
+    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in layers_to_arrays(aligned).items()})
+    moved = sum(int((p != np.arange(len(p))).sum()) for p in perms)
+    content = RecordDict(
+        {"weights": arrays, "metrics": MetricRecord({"partition-id": pid, "moved_neurons": moved})}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.train("fuse")
+def fuse(msg: Message, context: Context) -> Message:
+    """Step 3 (fusing party): average the aligned models, train the filter adapter (DP-SGD)."""
+    cfg = parse_config(context.run_config)
+    pid, n = partition_of(context)
+    torch.set_num_threads(1)
+    models = [
+        arrays_to_layers(_np(rec))
+        for name, rec in sorted(msg.content.array_records.items())
+        if name.startswith("aligned.")
+    ]
+    if "model" in context.state:
+        models.append(arrays_to_layers(_np(context.state["model"])))
+    fused_layers = average_layers(models)
+    x, _, nc = party_data(cfg, pid, n)
+    fused = set_layers(make_model(cfg, x.shape[1:], nc, 0), fused_layers)
+    content = RecordDict(
+        {
+            "fused": ArrayRecord(
+                {k: torch.from_numpy(v) for k, v in layers_to_arrays(fused_layers).items()}
+            )
+        }
+    )
+    metrics = {"partition-id": pid, "fused_models": len(models), "eps_adapter": 0.0}
+    if cfg["adapter-rank"] > 0:
+        adapted, info = train_adapter(cfg, fused, pid, n)
+        content["adapted"] = to_record(adapted)
+        metrics |= {"eps_adapter": info["epsilon"], "adapter_steps": info["steps"]}
+    content["metrics"] = MetricRecord(_finite(metrics))
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def fedavg_train(msg: Message, context: Context) -> Message:
+    """FedAvg baseline: plain local SGD from the global model on this party's data."""
+    cfg = parse_config(context.run_config)
+    pid, n = partition_of(context)
+    rnd = int(msg.content["config"]["server-round"])
+    x, y, nc = party_data(cfg, pid, n)
+    model = load_record(make_model(cfg, x.shape[1:], nc, 0), msg.content["arrays"])
+    stats = train(
+        model,
+        x,
+        y,
+        epochs=cfg["fedavg-epochs"],
+        batch_size=cfg["batch-size"],
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        generator=set_seed(derive_seed(cfg["seed"], pid, rnd)),
+        device=get_device(cfg["device"]),
+    )
+    return Message(
+        content=reply(to_record(model), **stats, **{"num-examples": len(x)}), reply_to=msg
+    )
