@@ -95,6 +95,12 @@ def partition_indices(
         raise DataError(f"num_partitions={num_partitions} is larger than the data ({n} samples)")
     if scheme not in SCHEMES:
         raise DataError(f"unknown partition scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    min_size = int(kwargs.get("min_partition_size", 10)) if scheme == "dirichlet" else 1
+    if num_partitions * min_size > n:
+        raise DataError(
+            f"partition scheme {scheme!r} cannot be met: {num_partitions} partitions x "
+            f"min_partition_size={min_size} > {n} samples"
+        )
     desc = f"{num_partitions}|{scheme}|{seed}|{sorted(kwargs.items())}"
     key = hashlib.sha1(np.ascontiguousarray(labels).tobytes() + desc.encode()).hexdigest()[:16]
     if key not in _MEMO:

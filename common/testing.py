@@ -1,0 +1,72 @@
+"""Test helpers: mock reply Messages for strategy unit tests (no Ray, no network)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+
+def mock_reply(
+    content: RecordDict | None = None,
+    node_id: int = 1,
+    message_type: str = MessageType.TRAIN,
+    error: str | None = None,
+) -> Message:
+    """A reply Message from node ``node_id`` carrying ``content`` (or an error reason)."""
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{node_id}",
+        src_node_id=node_id,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    if error is not None:
+        return Message(metadata=meta, error=Error(code=0, reason=error))
+    return Message(metadata=meta, content=content or RecordDict())
+
+
+def train_reply(
+    arrays: dict[str, np.ndarray], num_examples: int, node_id: int = 1, **metrics: float
+) -> Message:
+    """A training reply with ``arrays`` and metrics (``num-examples`` included)."""
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, **metrics}),
+        }
+    )
+    return mock_reply(content, node_id=node_id)
+
+
+class FakeGrid:
+    """The part of a Grid that strategies' ``configure_*`` use: node ids (no network).
+
+    Also sets Flower's task identity so that strategies can build outgoing Messages in tests.
+    """
+
+    def __init__(self, node_ids: list[int]):
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)

@@ -1,0 +1,108 @@
+"""The FedAvg reference app: ClientApp call, config errors, in-process smoke run, flwr run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import app_path
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from flowerbed.common.config import ConfigError
+from flowerbed.common.testing import mock_reply
+
+app_path("fedavg")
+from fedavg import client_app, task  # noqa: E402
+
+FAST = {"num-server-rounds": 2, "local-steps": 20, "batch-size": 32}
+
+
+def test_client_train_call_directly():
+    cfg = task.parse_config(FAST)
+    content = RecordDict(
+        {"arrays": task.initial_arrays(cfg), "config": ConfigRecord({"server-round": 1})}
+    )
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 1, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=dict(FAST),
+    )
+    out = client_app.train(mock_reply(content), ctx)
+    metrics = out.content["metrics"]
+    assert metrics["steps"] == 20 and metrics["num-examples"] > 1000
+    before = content["arrays"]
+    after = out.content["arrays"]
+    assert list(after.keys()) == list(before.keys())
+    assert any(not np.array_equal(after[k].numpy(), before[k].numpy()) for k in after)
+    # same (seed, partition, round) -> identical update, whatever process runs it
+    again = client_app.train(mock_reply(content), ctx).content["arrays"]
+    assert all(np.array_equal(after[k].numpy(), again[k].numpy()) for k in after)
+
+
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        ({"alpha": -1.0}, "alpha=-1.0"),
+        ({"num-server-rounds": "many"}, "num-server-rounds='many'"),
+        ({"partitioner": "zipf"}, "partitioner='zipf'"),
+        ({"dataset": "cifar11"}, "unknown dataset 'cifar11'"),
+        ({"no-such-key": 1}, "unknown run config key 'no-such-key'"),
+    ],
+)
+def test_bad_run_config_names_the_value(bad, needle):
+    with pytest.raises((ConfigError, ValueError), match=needle):
+        task.parse_config(bad)
+
+
+def test_runner_rejects_bad_config_in_one_line(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowerbed.simulation.runner",
+        "++run_config.alpha=-2",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (
+        "flowerbed-run: error: run config alpha=-2.0: Dirichlet alpha > 0"
+    )
+    p = subprocess.run(cmd[:3] + ["app=nosuchapp"], capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "nosuchapp" in p.stderr
+
+
+def test_inprocess_smoke_run(tmp_path):
+    from flowerbed.simulation.inprocess import run_app
+
+    out = tmp_path / "run"
+    run_app("fedavg", {**FAST, "results-dir": str(out)}, num_supernodes=3)
+    rec = json.loads((out / "results.json").read_text())
+    rounds = {r["round"]: r for r in rec["rounds"]}
+    assert sorted(rounds) == [0, 1, 2]
+    assert rounds[0]["server_accuracy"] < 0.2  # untrained model: chance level
+    assert rec["extra"]["final"]["accuracy"] > rounds[0]["server_accuracy"] + 0.1
+    assert rounds[1]["num_train_replies"] == 3 and rounds[1]["num_failures"] == 0
+    assert rounds[1]["bytes_sent"] > 3 * 800_000 and rounds[1]["bytes_received"] > 3 * 800_000
+    hist = np.array(rec["extra"]["label_histograms"])
+    assert hist.shape == (3, 10) and hist.sum() == 60000
+    assert rec["config"]["seed"] == 42 and rec["versions"]["flwr"]
+
+
+@pytest.mark.e2e
+def test_flwr_run_end_to_end(tmp_path):
+    from flowerbed.simulation.flwr_cli import flwr_run
+
+    out = tmp_path / "e2e"
+    pyproject = (Path(app_path("fedavg")) / "pyproject.toml").read_text()
+    p = flwr_run("fedavg", {**FAST, "results-dir": str(out)}, num_supernodes=2, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fedavg final test accuracy" in p.stdout
+    rec = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in rec["rounds"]] == [0, 1, 2]
+    assert rec["extra"]["final"]["accuracy"] > 0.2
+    # flwr run must not have rewritten the app's pyproject
+    assert (Path(app_path("fedavg")) / "pyproject.toml").read_text() == pyproject
