@@ -11,6 +11,7 @@ party would do in deployment. ``method = "fedavg"`` runs the FedAvg-from-scratch
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -137,7 +138,8 @@ def main(grid: Grid, context: Context) -> None:
         average_layers([arrays_to_layers(_np(parties[p]["weights"])) for p in pids]),
     )
     avg_acc = accuracy(predict_proba(avg, x_test), y_test)
-    eps = {pid: float(parties[pid]["metrics"]["eps_spent"]) for pid in pids}
+    # a party without privacy reports -1 (records carry finite numbers): infinity
+    eps = {pid: _eps(parties[pid]["metrics"]["eps_spent"]) for pid in pids}
     writer.add_round(
         1,
         step="local",
@@ -197,13 +199,13 @@ def main(grid: Grid, context: Context) -> None:
         arrays_to_layers(_np(fc["fused"])),
     )
     matched_acc = accuracy(predict_proba(fused, x_test), y_test)
-    eps_adapter = float(fc["metrics"]["eps_adapter"])
+    eps_adapter = _eps(fc["metrics"]["eps_adapter"])
     if "adapted" in fc.array_records:
         adapted = load_record(AdaptedMLP(fused, cfg["adapter-rank"]), fc["adapted"])
         fusion_acc = accuracy(predict_proba(adapted, x_test), y_test)
     else:
         fusion_acc = matched_acc
-    eps[fp] = eps[fp] + max(eps_adapter, 0.0)
+    eps[fp] = eps[fp] + eps_adapter
     writer.add_round(
         3,
         step="fuse",
@@ -242,6 +244,10 @@ def main(grid: Grid, context: Context) -> None:
         final["party_best_accuracy"],
         path,
     )
+
+
+def _eps(v) -> float:
+    return math.inf if float(v) < 0 else float(v)
 
 
 def _linears(model):
