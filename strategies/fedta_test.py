@@ -1,0 +1,196 @@
+"""FedTA strategy with mock replies: BGPS, SIKF, reply checks (no Ray, no network)."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from flowerbed.common.testing import FakeGrid, mock_reply
+from flowerbed.common.vit import TinyViT, freeze, prompted_features
+from flowerbed.strategies.fedta import FedTA, average_pools, bgps, mean_prototypes, sikf
+
+F32 = np.float32
+
+
+def v(*xs):
+    return np.array(xs, F32)
+
+
+# ---------------------------------------------------------------- BGPS (Eqs. 9-10)
+def test_bgps_selects_least_similar_prototype_and_freezes_below_threshold():
+    # P_G = [a (class 0), b (class 0), c (class 1)]; cos(a,b)=0.6, cos(a,c)=0, cos(b,c)=0.8
+    a, b, c = v(1, 0), v(0.6, 0.8), v(0, 1)
+    # same-class entries are 1: row means a: (1+1+0)/3, b: (1+1+0.8)/3, c: (0+0.8+1)/3
+    glob, frozen, scores = bgps([(0, b), (0, a), (1, c)], {}, set(), thr=0.65)
+    np.testing.assert_allclose(glob[0], a)
+    np.testing.assert_allclose(glob[1], c)
+    assert scores[0] == pytest.approx(2 / 3) and scores[1] == pytest.approx(0.6)
+    assert frozen == {1}  # 0.6 < 0.65 <= 2/3
+
+
+def test_bgps_frozen_class_keeps_its_prototype_and_old_classes_give_context():
+    glob, frozen, _ = bgps([(1, v(1, 1))], {1: v(0, 1), 0: v(1, 0)}, {1}, thr=0.9)
+    np.testing.assert_allclose(glob[1], v(0, 1))  # frozen: the upload is ignored
+    np.testing.assert_allclose(glob[0], v(1, 0))  # not uploaded: kept
+    assert frozen == {1}
+    # class 2 uploaded twice; the previous prototypes of classes 0 and 1 enter the matrix:
+    # x=(1,0): row (1 [self] + 1 [class 2 twin] + cos(x,(1,0))=1 + cos(x,(0,1))=0)/4 = 0.75
+    # y=(0,-1): row (1 + 1 + 0 + (-1))/4 = 0.25  -> y selected, frozen (0.25 < 0.3)
+    glob, frozen, scores = bgps(
+        [(2, v(1, 0)), (2, v(0, -1))], {0: v(1, 0), 1: v(0, 1)}, {1}, thr=0.3
+    )
+    np.testing.assert_allclose(glob[2], v(0, -1))
+    assert scores[2] == pytest.approx(0.25) and frozen == {1, 2}
+
+
+def test_bgps_no_freezing_when_not_allowed_and_mean_rule():
+    _, frozen, _ = bgps([(0, v(1, 0)), (1, v(0, 1))], {}, set(), thr=0.9, allow_freeze=False)
+    assert frozen == set()
+    out = mean_prototypes([(0, v(1, 0)), (0, v(0, 1)), (3, v(2, 2))], {5: v(1, 1)})
+    np.testing.assert_allclose(out[0], v(0.5, 0.5))
+    np.testing.assert_allclose(out[3], v(2, 2))
+    np.testing.assert_allclose(out[5], v(1, 1))
+
+
+# ---------------------------------------------------------------- SIKF (Eq. 8)
+def _tiny_backbone():
+    torch.manual_seed(0)
+    return freeze(TinyViT(patch=7, dim=8, depth=1, heads=2))
+
+
+def _pool(seed, m=4, length=2, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, length, d, generator=g), torch.randn(m, d, generator=g)
+
+
+def test_average_pools_is_weighted():
+    p1 = (torch.zeros(2, 1, 3), torch.zeros(2, 3))
+    p2 = (torch.ones(2, 1, 3), torch.full((2, 3), 4.0))
+    prompts, keys = average_pools([p1, p2], [1, 3])
+    torch.testing.assert_close(prompts, torch.full((2, 1, 3), 0.75))
+    torch.testing.assert_close(keys, torch.full((2, 3), 3.0))
+
+
+def test_sikf_distils_target_towards_the_other_pools():
+    bb = _tiny_backbone()
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    pools = [_pool(1), _pool(2), _pool(3)]
+    weights = [1.0, 1.0, 2.0]
+    _, keys_avg = average_pools(pools, weights)
+
+    def kd_loss(prompts, keys):
+        e = bb.embed(x)
+        q = bb.features(e)
+        out = prompted_features(bb, e, q, prompts, keys, 2)[0]
+        teach = [prompted_features(bb, e, q, p, k, 2)[0] for p, k in pools[1:]]
+        return float(sum(torch.nn.functional.mse_loss(out, t) for t in teach) / 2)
+
+    before = kd_loss(pools[0][0], keys_avg)
+    prompts, keys, last = sikf(pools, weights, bb, x, top_n=2, steps=30, lr=0.05, target=0)
+    torch.testing.assert_close(keys, keys_avg)  # keys: weighted average (Reconstruction)
+    assert last == pytest.approx(kd_loss(prompts, keys), rel=0.5)
+    assert kd_loss(prompts, keys) < 0.8 * before
+    assert not torch.equal(prompts, pools[0][0])
+
+
+def test_sikf_single_pool_or_zero_steps_returns_target():
+    bb = _tiny_backbone()
+    x = torch.rand(4, 1, 28, 28)
+    p = _pool(5)
+    prompts, keys, loss = sikf([p], [1.0], bb, x, top_n=2)
+    torch.testing.assert_close(prompts, p[0])
+    torch.testing.assert_close(keys, p[1])
+    assert loss == 0.0
+
+
+# ---------------------------------------------------------------- the strategy
+def _pool_record(p, k):
+    return ArrayRecord({"prompts": Array(p.numpy()), "keys": Array(k.numpy())})
+
+
+def _reply(node, p, k, protos: dict, n=10):
+    content = RecordDict(
+        {
+            "arrays": _pool_record(p, k),
+            "protos": ArrayRecord({key: Array(np.asarray(a, F32)) for key, a in protos.items()}),
+            "metrics": MetricRecord({"num-examples": n, "loss_stage1": 1.0}),
+        }
+    )
+    return mock_reply(content, node_id=node)
+
+
+def _strategy(**kw):
+    bb = _tiny_backbone()
+    s = FedTA(
+        backbone=bb,
+        x_surrogate=torch.rand(8, 1, 28, 28),
+        num_classes=10,
+        top_n=2,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        **kw,
+    )
+    g0 = _pool(0)
+    msgs = list(
+        s.configure_train(1, _pool_record(*g0), ConfigRecord({"task": 0}), FakeGrid([1, 2, 3]))
+    )
+    assert len(msgs) == 3
+    assert "protos" in msgs[0].content.array_records
+    assert msgs[0].content["config"]["frozen-classes"] == []
+    return s
+
+
+def test_strategy_aggregates_pools_and_prototypes_and_rejects_bad_replies():
+    s = _strategy(use_sikf=True, sikf_steps=2, bgps_thr=0.5)
+    p1, p2 = _pool(1), _pool(2)
+    good = [
+        _reply(1, *p1, {"p.0": np.eye(8)[0], "k.0": np.eye(8)[1], "p.1": np.eye(8)[2]}),
+        _reply(2, *p2, {"p.0": np.eye(8)[3], "p.2": np.eye(8)[4]}, n=30),
+    ]
+    nan = np.eye(8)[0].copy()
+    nan[1] = np.nan
+    bad = [
+        _reply(3, *p1, {"p.0": nan}),
+        _reply(4, *p1, {"p.12": np.eye(8)[0]}),  # class outside [0, 10)
+        _reply(5, *p1, {"p.0": np.ones(5)}),  # wrong dim
+        _reply(6, *p1, {"x.0": np.ones(8)}),
+        _reply(7, _pool(1, m=3)[0], _pool(1, m=3)[1], {"p.0": np.ones(8)}),  # pool shape
+        mock_reply(RecordDict({"arrays": _pool_record(*p1)}), node_id=8),  # no protos
+    ]
+    arrays, metrics = s.aggregate_train(1, good + bad)
+    h = s.history[1]
+    assert h["num_train_replies"] == 2 and h["num_rejected"] == 6
+    _, keys = average_pools([p1, p2], [10, 30])
+    np.testing.assert_allclose(arrays["keys"].numpy(), keys.numpy(), rtol=1e-6)
+    assert arrays["prompts"].numpy().shape == (4, 2, 8)
+    # orthogonal prototypes e0, e3 (class 0), e2 (class 1), e4 (class 2): row means are
+    # 2/4 for class 0 (not < 0.5: kept unfrozen) and 1/4 for classes 1 and 2 (frozen)
+    assert sorted(s.global_protos) == [0, 1, 2] and s.frozen == {1, 2}
+    np.testing.assert_allclose(s.global_protos[0], np.eye(8)[0])  # tie: first upload
+    assert metrics["num_frozen"] == 2 and "sikf_loss" in metrics
+    # next round sends the global prototypes and the frozen classes
+    msgs = list(s.configure_train(2, arrays, ConfigRecord({"task": 1}), FakeGrid([1])))
+    assert sorted(msgs[0].content["protos"].keys()) == ["g.0", "g.1", "g.2"]
+    assert list(msgs[0].content["config"]["frozen-classes"]) == [1, 2]
+
+
+def test_strategy_ablations_average_pools_and_mean_prototypes():
+    s = _strategy(use_sikf=False, use_bgps=False)
+    p1, p2 = _pool(1), _pool(2)
+    arrays, _ = s.aggregate_train(
+        1,
+        [
+            _reply(1, *p1, {"p.0": np.full(8, 1.0)}, n=10),
+            _reply(2, *p2, {"p.0": np.full(8, 3.0)}, n=10),
+        ],
+    )
+    prompts, keys = average_pools([p1, p2], [1, 1])
+    np.testing.assert_allclose(arrays["prompts"].numpy(), prompts.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(s.global_protos[0], np.full(8, 2.0))
+    assert s.frozen == set()
+
+
+def test_strategy_keeps_state_when_all_replies_are_bad():
+    s = _strategy()
+    arrays, metrics = s.aggregate_train(1, [mock_reply(error="boom", node_id=1)])
+    assert arrays is None and metrics is None and s.history[1]["num_failures"] == 1

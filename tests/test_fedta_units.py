@@ -1,0 +1,117 @@
+"""FedTA app: KR metrics, anchor selection, prototypes, data slices, config errors."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import app_path
+
+app_path("fedta")
+
+from fedta import data as D  # noqa: E402
+from fedta import task as T  # noqa: E402
+
+from flowerbed.common.config import ConfigError  # noqa: E402
+
+
+# ---------------------------------------------------------------- KR metrics (Eqs. 11-12)
+def test_kr_t_is_mean_ratio_of_first_task_accuracy():
+    first = {0: 0.8, 1: 0.5, 2: 0.0}  # client 2: undefined ratio, left out
+    now = {0: 0.4, 1: 0.5, 2: 0.3}
+    assert T.kr_t(first, now) == pytest.approx((0.4 / 0.8 + 0.5 / 0.5) / 2)
+    assert np.isnan(T.kr_t({0: 0.0}, {0: 1.0}))
+
+
+def test_kr_s_is_mean_ratio_global_over_local():
+    assert T.kr_s({0: 0.9, 1: 0.3}, {0: 0.9, 1: 0.6}) == pytest.approx((1.0 + 0.5) / 2)
+    assert T.kr_s({0: 0.9}, {0: 0.9, 5: 0.5}) == pytest.approx(1.0)  # client 5: no global acc
+
+
+# ---------------------------------------------------------------- anchors (Eqs. 4-5)
+def test_anchor_selection_picks_the_closest_key_by_cosine():
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    f_out = torch.tensor([[10.0, 1.0], [0.2, 3.0], [-1.0, -0.5], [5.0, 5.1]])
+    assert T.select_anchor(f_out, keys).tolist() == [0, 1, 2, 1]
+
+
+def test_mixing_operators():
+    f, a = torch.ones(2, 3), torch.full((2, 3), 2.0)
+    torch.testing.assert_close(T.mix(f, a, torch.zeros(1), "add"), torch.full((2, 3), 3.0))
+    torch.testing.assert_close(T.mix(f, a, torch.zeros(1), "gated"), torch.full((2, 3), 2.0))
+
+
+def test_prototype_logits_and_contrastive_loss():
+    protos = {2: torch.tensor([1.0, 0.0]), 7: torch.tensor([0.0, 1.0])}
+    f = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    logits = T.prototype_logits(f, protos, tau=0.5)
+    assert torch.isinf(logits[:, [0, 1, 3, 4, 5, 6, 8, 9]]).all()
+    torch.testing.assert_close(logits[0, [2, 7]], torch.tensor([2.0, 0.0]))
+    s = 2**-0.5 / 0.5
+    torch.testing.assert_close(logits[1, [2, 7]], torch.tensor([s, s]))
+    # Eq. 5 on sample 0 (class 2): -log(e^2 / (e^2 + e^0)); sample of class 5 has no prototype
+    loss = T.contrastive_loss(f[:1].repeat(2, 1), torch.tensor([2, 5]), protos, 0.5)
+    assert float(loss) == pytest.approx(-np.log(np.exp(2) / (np.exp(2) + 1)), rel=1e-5)
+    assert float(T.contrastive_loss(f, torch.tensor([2, 7]), {}, 0.5)) == 0.0
+
+
+def test_local_prototypes_are_class_means_of_the_anchored_features():
+    cfg = T.parse_config(
+        {
+            "vit-dim": 8,
+            "vit-heads": 2,
+            "pool-size": 3,
+            "top-n": 2,
+            "num-anchors": 4,
+            "local-epochs": 1,
+            "batch-size": 4,
+        }
+    )
+    torch.manual_seed(0)
+    from flowerbed.common.vit import TinyViT, freeze
+
+    bb = freeze(TinyViT(dim=8, heads=2, depth=1))
+    shared = {"prompts": torch.randn(3, 2, 8), "keys": torch.randn(3, 8)}
+    personal = T.initial_personal(cfg, 8, 0)
+    x, y = torch.rand(6, 1, 28, 28), torch.tensor([1, 1, 4, 4, 4, 1])
+    res = T.train_fedta(cfg, bb, shared, personal, {}, x, y, torch.Generator().manual_seed(0))
+    f_ta, _, _ = T.fedta_features(cfg, bb, res.upload, res.personal, x, use_ta=True)
+    torch.testing.assert_close(res.protos[1], f_ta[y == 1].mean(0))
+    torch.testing.assert_close(res.protos[4], f_ta[y == 4].mean(0))
+    assert set(res.proto_keys) == {1, 4} and set(res.upload) == {"prompts", "keys"}
+    assert not torch.equal(res.personal["ta"], personal["ta"])  # stage 2 trained the anchors
+
+
+# ---------------------------------------------------------------- data layout
+def test_slices_are_disjoint_and_clients_disjoint():
+    s = D.slices("", 1000, 5)
+    assert len(np.intersect1d(s["pretrain"], s["surrogate"])) == 0
+    assert len(np.intersect1d(s["pretrain"], s["pool"])) == 0
+    assert len(np.intersect1d(s["surrogate"], s["pool"])) == 0
+    assert len(s["pretrain"]) + len(s["surrogate"]) + len(s["pool"]) == 60000
+    parts = D.client_indices("", 1000, 5, 4, 100, 5, 0.5, 7)
+    for c in range(10):
+        allc = np.concatenate([p[c] for p in parts])
+        assert len(allc) == 100 and len(np.unique(allc)) == 100
+        assert np.isin(allc, s["pool"]).all()
+        assert min(len(p[c]) for p in parts) >= 5
+
+
+def test_dirichlet_counts_and_task_streams():
+    counts = D.dirichlet_counts(100, 5, 0.5, 3, np.random.default_rng(0))
+    assert counts.sum() == 100 and counts.min() >= 3
+    a = D.task_stream(1, 0, 10, 5, 2, "random")
+    b = D.task_stream(1, 1, 10, 5, 2, "random")
+    assert sorted(c for t in a for c in t) == list(range(10)) and a != b
+    assert D.task_stream(1, 3, 10, 5, 2, "same")[0] == [0, 1]
+    with pytest.raises(D.DataError, match="min-samples"):
+        D.dirichlet_counts(10, 5, 0.5, 3, np.random.default_rng(0))
+
+
+def test_bad_config_fails_with_the_key():
+    with pytest.raises(ConfigError, match="method"):
+        T.parse_config({"method": "fedprox"})
+    with pytest.raises(ConfigError, match="num-tasks"):
+        T.parse_config({"num-tasks": 6})
+    with pytest.raises(ConfigError, match="vit-heads"):
+        T.parse_config({"vit-dim": 30, "vit-heads": 4})
+    with pytest.raises(ConfigError, match="bogus"):
+        T.parse_config({"bogus": 1})
