@@ -1,0 +1,1 @@
+"""FedDistr: one-shot federated learning by disentangling distributions (reconstruction)."""
