@@ -1,0 +1,1 @@
+"""FedQual: quality-aware federated label-distribution learning (flowerbed app)."""
