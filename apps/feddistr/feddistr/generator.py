@@ -42,8 +42,8 @@ class GenConfig:
     channels: tuple[int, int] = (32, 64)
     ae_channels: int = 16
     public_size: int = 10000
-    ae_steps: int = 800
-    diffusion_steps: int = 2500
+    ae_steps: int = 500
+    diffusion_steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     kl_weight: float = 0.02
