@@ -11,11 +11,11 @@ from conftest import app_path
 app_path("privfusion")
 
 TINY = {
-    "max-samples": 300,
-    "test-samples": 300,
-    "local-epochs": 1,
+    "dataset": "breast_cancer",
+    "local-epochs": 2,
+    "batch-size": 32,
     "hidden": "16,8",
-    "act-samples": 200,
+    "act-samples": 100,
 }
 
 
@@ -34,7 +34,7 @@ def test_inprocess_smoke_run(tmp_path):
         "ensemble_accuracy",
     ):
         assert 0.0 <= fin[key] <= 1.0
-    assert fin["party_best_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    assert fin["party_best_accuracy"] > 0.75  # breast cancer: 63% majority class
     for p in range(3):  # every party spent its budget, never more
         assert 3.0 < fin[f"party{p}_epsilon"] <= 4.0 + 1e-6
     assert fin["bytes_sent"] > 0 and fin["bytes_received"] > 0
@@ -52,7 +52,7 @@ def test_flwr_run_end_to_end(tmp_path):
     out = tmp_path / "e2e"
     proc = flwr_run(
         "privfusion",
-        {**TINY, "epsilon": 0.0, "dataset": "breast_cancer", "results-dir": str(out)},
+        {**TINY, "epsilon": 0.0, "results-dir": str(out)},
         num_supernodes=2,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
