@@ -7,7 +7,10 @@ One command per benchmark (each run is one in-process Flower simulation, ``run_a
     python -m fedqual.sweep --benchmark rating   # SCUT_FBP  (PIPAL/KADID analogue)
     python -m fedqual.sweep --benchmark fer --table-only    # re-render the table
 
-Runs whose ``results.json`` already exists are skipped (a sweep can be resumed). Results go to
+``--engine local`` (default) runs the app's own ServerApp and ClientApp functions on an
+in-process grid (:mod:`fedqual.local_engine`); ``--engine ray`` goes through
+``flowerbed.simulation.inprocess.run_app`` (Flower's simulation engine, much slower on a loaded
+2-core machine). Runs whose ``results.json`` already exists are skipped (a sweep can be resumed). Results go to
 ``outputs/fedqual-sweep/<benchmark>/<method>/level<level>/seed<seed>/results.json`` and the table
 (mean +/- std over seeds of the six LDL measures on the clean test split) to ``summary.md`` beside
 them. ``--methods``, ``--levels``, ``--seeds`` and ``--set key=value`` change the sweep.
@@ -81,6 +84,13 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--num-cpus", type=float, default=2, help="CPUs per Ray actor")
     ap.add_argument("--set", action="append", default=[], help="extra run config key=value")
     ap.add_argument("--out", default="", help="sweep folder (default outputs/fedqual-sweep/..)")
+    ap.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: the app's ServerApp/ClientApp code on an in-process grid (fedqual."
+        "local_engine, seconds per run); ray: flowerbed's run_app on Flower's simulation engine",
+    )
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -92,8 +102,13 @@ def main(argv: list[str] | None = None) -> str:
         k, _, v = kv.partition("=")
         base[k] = v
     if not args.table_only:
+        import torch
+
+        from fedqual.local_engine import run_local
         from fedqual.task import parse_config
         from flowerbed.simulation.inprocess import run_app
+
+        torch.set_num_threads(1)
 
         # the highest level first: it carries the paper's claim
         for level in sorted(levels, reverse=True):
@@ -106,7 +121,12 @@ def main(argv: list[str] | None = None) -> str:
                     over["results-dir"] = str(out.resolve())
                     parse_config(over)  # one-line error before anything starts
                     t0 = time.perf_counter()
-                    run_app("fedqual", over, num_supernodes=args.clients, num_cpus=args.num_cpus)
+                    if args.engine == "local":
+                        run_local(over, num_nodes=args.clients)
+                    else:
+                        run_app(
+                            "fedqual", over, num_supernodes=args.clients, num_cpus=args.num_cpus
+                        )
                     print(
                         f"[sweep] {args.benchmark} {method} level={level} seed={seed} "
                         f"{time.perf_counter() - t0:.1f} s",
