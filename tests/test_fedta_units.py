@@ -115,3 +115,15 @@ def test_bad_config_fails_with_the_key():
         T.parse_config({"vit-dim": 30, "vit-heads": 4})
     with pytest.raises(ConfigError, match="bogus"):
         T.parse_config({"bogus": 1})
+
+
+def test_fedta_upload_is_at_least_10x_smaller_than_fedavg_full_model():
+    """Default config: pool + 2 prototypes (+ matched keys) vs the whole ViT + head."""
+    from flowerbed.common.vit import TinyViT
+
+    cfg = T.parse_config({})
+    bb = TinyViT(patch=7, dim=64, depth=2, heads=4)
+    fedta = T.nvalues(T.initial_global(cfg, bb)) + 2 * 2 * 64
+    fedavg = T.nvalues(T.initial_global({**cfg, "method": "fedavg"}, bb))
+    assert fedta == 10 * 2 * 64 + 10 * 64 + 256
+    assert fedavg >= 10 * fedta
