@@ -71,7 +71,11 @@ def backend_config(num_cpus: float = 1, num_gpus: float = 0.0, ray_address: str 
                 gpus,
             )
             gpus = 0.0
-    init_args: dict[str, Any] = {"logging_level": "error", "log_to_driver": True}
+    init_args: dict[str, Any] = {
+        "logging_level": "error",
+        "log_to_driver": True,
+        "include_dashboard": False,  # saves ~1 s of start-up and a process per run
+    }
     if ray_address:
         init_args["address"] = ray_address
     return {

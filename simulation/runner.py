@@ -114,6 +114,10 @@ def _main(cfg: DictConfig) -> float | None:
     except ValueError as e:  # ConfigError, DataError, unknown app or key: one line, exit 2
         print(f"flowerbed-run: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if HydraConfig.get().mode.name == "RUN":  # single run: its own table and accuracy plot
+        from flowerbed.simulation.table import render
+
+        render(out_dir)
     acc = final.get("accuracy")
     return float(acc) if isinstance(acc, int | float) else None
 

@@ -1,0 +1,225 @@
+"""Benchmark: FedAvg through Flower's simulation engine against a plain sequential loop.
+
+    python -m flowerbed.simulation.bench                 # 100 clients, 10 per round, 5 rounds
+    python -m flowerbed.simulation.bench --scale         # + memory at 1000 virtual clients
+    python -m flowerbed.simulation.bench --modes plain,inprocess,flwr
+
+Both sides run the FedAvg app's own task functions (same data, model, seeds, sampled clients
+and local steps) and each is started as a fresh process (cold start). Measured per mode:
+
+- end to end: wall time from spawning the process to its exit;
+- start-up: end to end minus the time spent in the 5 rounds (imports, data, Ray, actors,
+  initial evaluation, shutdown);
+- steady round: mean wall time of rounds 2..R (training of the sampled clients, aggregation,
+  evaluation on the test split); round 1 is left out as it includes actor warm-up;
+- overhead per client call: (steady round of the mode - steady round of the plain loop) / calls
+  per round;
+- peak memory: the maximum over time of the memory summed over the process and all its
+  descendants (Ray's GCS, raylet and workers, the SuperLink, ...), as PSS (shared pages split
+  between the processes that map them; what the machine really spends) and as RSS (shared pages
+  counted once per process).
+
+Modes: ``plain`` (:mod:`flowerbed.simulation.plain`), ``inprocess`` (ServerApp thread + Ray
+actors, :func:`flowerbed.simulation.inprocess.run_app`), ``flwr`` (the real ``flwr run`` CLI
+with a SuperLink, :func:`flowerbed.simulation.flwr_cli.flwr_run`). Ray gets one actor with both
+cores (``num_cpus=2``), so Flower and the plain loop train the clients one after the other with
+the same torch threads and the difference is framework cost, not parallelism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROUNDS = 5
+
+
+def overrides(rounds: int, results_dir: str, fraction: float) -> dict:
+    return {
+        "num-server-rounds": rounds,
+        "fraction-train": fraction,
+        "partitioner": "iid",
+        "local-epochs": 1,
+        "batch-size": 32,
+        "results-dir": results_dir,
+        "seed": 0,
+    }
+
+
+# ---------------------------------------------------------------- child side
+def child(mode: str, clients: int, per_round: int, rounds: int, out: str) -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    res_dir = str(Path(out).parent / f"results-{mode}-{clients}")
+    ov = overrides(rounds, res_dir, per_round / clients)
+    if mode == "plain":
+        from flowerbed.simulation.plain import run
+
+        r = run(ov, clients, per_round)
+        times = r["round_times"]
+        acc = r["history"][rounds]["accuracy"]
+    else:
+        if mode == "inprocess":
+            from flowerbed.simulation.inprocess import run_app
+
+            run_app("fedavg", ov, num_supernodes=clients, num_cpus=2)
+        else:
+            from flowerbed.simulation.flwr_cli import flwr_run
+
+            p = flwr_run("fedavg", ov, num_supernodes=clients, num_cpus=2)
+            if p.returncode != 0:
+                raise SystemExit(p.stderr[-3000:])
+        rec = json.loads((Path(res_dir) / "results.json").read_text())
+        times = [r["round_time_s"] for r in rec["rounds"] if r["round"] >= 1]
+        acc = rec["extra"]["final"]["accuracy"]
+    Path(out).write_text(json.dumps({"round_times": times, "accuracy": acc}))
+
+
+# ---------------------------------------------------------------- parent side
+def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    pss = rss = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+            pss += info.pss
+            rss += info.rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pss, rss
+
+
+def measure(mode: str, clients: int, per_round: int, rounds: int, tmp: Path) -> dict:
+    out = tmp / f"{mode}-{clients}.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowerbed.simulation.bench",
+        "--child",
+        mode,
+        "--clients",
+        str(clients),
+        "--per-round",
+        str(per_round),
+        "--rounds",
+        str(rounds),
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "FLOWERBED_OUTPUTS": str(tmp)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ps = psutil.Process(proc.pid)
+    peak = [0, 0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            pss, rss = _tree_memory(ps)
+            peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
+            done.wait(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = proc.communicate()
+    e2e = time.perf_counter() - t0
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} with {clients} clients failed:\n{err.decode()[-3000:]}")
+    r = json.loads(out.read_text())
+    times = r["round_times"]
+    steady = sum(times[1:]) / max(len(times) - 1, 1)
+    return {
+        "mode": mode,
+        "clients": clients,
+        "e2e_s": e2e,
+        "startup_s": e2e - sum(times),
+        "steady_round_s": steady,
+        "peak_pss_mb": peak[0] / 2**20,
+        "peak_rss_mb": peak[1] / 2**20,
+        "accuracy": r["accuracy"],
+    }
+
+
+def report(rows: list[dict], per_round: int) -> str:
+    base = next(r for r in rows if r["mode"] == "plain" and r["clients"] == rows[0]["clients"])
+    lines = [
+        "| mode | clients | end to end (s) | start-up (s) | steady round (s) | overhead/call (ms)"
+        " | peak PSS (MB) | peak RSS (MB) | final acc |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ov = (r["steady_round_s"] - base["steady_round_s"]) / per_round * 1000
+        lines.append(
+            f"| {r['mode']} | {r['clients']} | {r['e2e_s']:.1f} | {r['startup_s']:.1f} | "
+            f"{r['steady_round_s']:.2f} | {ov:.0f} | {r['peak_pss_mb']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |"
+        )
+    lines += [
+        "",
+        "| ratio to plain loop (100 clients) | end to end | steady round | peak PSS | peak RSS |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["mode"] == "plain" or r["clients"] != base["clients"]:
+            continue
+        lines.append(
+            f"| {r['mode']} | {r['e2e_s'] / base['e2e_s']:.2f}x | "
+            f"{r['steady_round_s'] / base['steady_round_s']:.2f}x | "
+            f"{r['peak_pss_mb'] / base['peak_pss_mb']:.2f}x | "
+            f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x |"
+        )
+    scale = [r for r in rows if r["mode"] == "inprocess"]
+    if len(scale) > 1:
+        a, b = scale[0], scale[-1]
+        lines += [
+            "",
+            f"memory {a['clients']} -> {b['clients']} virtual clients (inprocess): "
+            f"PSS {a['peak_pss_mb']:.0f} -> {b['peak_pss_mb']:.0f} MB "
+            f"({b['peak_pss_mb'] / a['peak_pss_mb']:.2f}x)",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modes", default="plain,inprocess,flwr")
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--per-round", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--scale", action="store_true", help="also 1000 virtual clients (inprocess)")
+    ap.add_argument("--repeat", type=int, default=1, help="repeat each mode, keep the fastest")
+    ap.add_argument("--child", default="")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    if a.child:
+        child(a.child, a.clients, a.per_round, a.rounds, a.out)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="flowerbed-bench-"))
+    # warm the dataset and partition caches so that no mode pays for decoding the IDX files
+    from flowerbed.common.client import local_tensors
+
+    local_tensors("fashion_mnist", 0, a.clients, "iid", 0)
+    rows = []
+    for mode in [m for m in a.modes.split(",") if m]:
+        runs = [measure(mode, a.clients, a.per_round, a.rounds, tmp) for _ in range(a.repeat)]
+        rows.append(min(runs, key=lambda r: r["e2e_s"]))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.scale:
+        local_tensors("fashion_mnist", 0, 1000, "iid", 0)
+        rows.append(measure("inprocess", 1000, a.per_round, a.rounds, tmp))
+        print(json.dumps(rows[-1]), flush=True)
+    print(report(rows, a.per_round))
+
+
+if __name__ == "__main__":
+    main()
