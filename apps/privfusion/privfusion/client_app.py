@@ -27,6 +27,7 @@ from flowerbed.common.seeding import derive_seed, set_seed
 from flowerbed.common.train import get_device, train
 from privfusion.matching import average_layers, match, permute_layers
 from privfusion.task import (
+    act_sigma,
     activation_stats,
     arrays_to_layers,
     budget,
@@ -35,6 +36,7 @@ from privfusion.task import (
     make_model,
     parse_config,
     party_data,
+    reliable_classes,
     set_layers,
     train_adapter,
     train_party,
@@ -48,14 +50,16 @@ def _np(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def _acts_record(acts: list[np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(
-        {f"act.{i}": torch.from_numpy(a.astype(np.float32)) for i, a in enumerate(acts)}
-    )
+def _acts_record(acts: list[np.ndarray], counts: np.ndarray) -> ArrayRecord:
+    rec = {f"act.{i}": torch.from_numpy(a.astype(np.float32)) for i, a in enumerate(acts)}
+    rec["counts"] = torch.from_numpy(np.asarray(counts, dtype=np.float32))
+    return ArrayRecord(rec)
 
 
-def _acts(record: ArrayRecord) -> list[np.ndarray]:
-    return [record[f"act.{i}"].numpy().astype(np.float64) for i in range(len(record))]
+def _acts(record: ArrayRecord) -> tuple[list[np.ndarray], np.ndarray]:
+    n = sum(1 for k in record if k.startswith("act."))
+    acts = [record[f"act.{i}"].numpy().astype(np.float64) for i in range(n)]
+    return acts, record["counts"].numpy().astype(np.float64)
 
 
 def _finite(metrics: dict) -> dict:
@@ -65,13 +69,13 @@ def _finite(metrics: dict) -> dict:
 @app.train("local")
 def local(msg: Message, context: Context) -> Message:
     """Step 1: DP-SGD training and release of the perturbed statistics."""
-    cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
+    cfg = parse_config(context.run_config, n)
     torch.set_num_threads(1)
     model, info = train_party(cfg, pid, n)
     x, y, nc = party_data(cfg, pid, n)
     b = budget(cfg, pid == cfg["fusing-party"])
-    acts, ainfo = activation_stats(
+    acts, counts, ainfo = activation_stats(
         model,
         x,
         y,
@@ -86,7 +90,7 @@ def local(msg: Message, context: Context) -> Message:
     )
     # the party keeps its model and its own released statistics for the matching step
     context.state["model"] = weights
-    context.state["acts"] = _acts_record(acts)
+    context.state["acts"] = _acts_record(acts, counts)
     eps_spent = info["epsilon"] + b["act"]
     metrics = {
         "partition-id": pid,
@@ -102,7 +106,11 @@ def local(msg: Message, context: Context) -> Message:
         "train_loss": info["train_loss"],
     }
     content = RecordDict(
-        {"weights": weights, "acts": _acts_record(acts), "metrics": MetricRecord(_finite(metrics))}
+        {
+            "weights": weights,
+            "acts": _acts_record(acts, counts),
+            "metrics": MetricRecord(_finite(metrics)),
+        }
     )
     return Message(content=content, reply_to=msg)
 
@@ -110,19 +118,23 @@ def local(msg: Message, context: Context) -> Message:
 @app.train("align")
 def align(msg: Message, context: Context) -> Message:
     """Step 2: match own neurons to the reference party's released package, release aligned."""
-    cfg = parse_config(context.run_config)
-    pid, _ = partition_of(context)
+    pid, n = partition_of(context)
+    cfg = parse_config(context.run_config, n)
     if "model" not in context.state:
         raise RuntimeError(f"party {pid}: train.align before train.local")
     own = arrays_to_layers(_np(context.state["model"]))
     ref = arrays_to_layers(_np(msg.content["weights"]))
     # only released (perturbed) statistics enter the matching, our own included: the permutation
     # is revealed through the aligned weights
+    ref_acts, ref_counts = _acts(msg.content["acts"])
+    own_acts, own_counts = _acts(context.state["acts"])
+    keep = reliable_classes(ref_counts, own_counts, act_sigma(cfg, len(own) - 1))
+    use_acts = bool(keep.any())
     perms = match(
         ref,
         own,
-        _acts(msg.content["acts"]),
-        _acts(context.state["acts"]),
+        [a[:, keep] for a in ref_acts] if use_acts else None,
+        [a[:, keep] for a in own_acts] if use_acts else None,
         method=cfg["matcher"],
         act_weight=cfg["act-weight"],
     )
@@ -130,7 +142,12 @@ def align(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in layers_to_arrays(aligned).items()})
     moved = sum(int((p != np.arange(len(p))).sum()) for p in perms)
     content = RecordDict(
-        {"weights": arrays, "metrics": MetricRecord({"partition-id": pid, "moved_neurons": moved})}
+        {
+            "weights": arrays,
+            "metrics": MetricRecord(
+                {"partition-id": pid, "moved_neurons": moved, "act_classes": int(keep.sum())}
+            ),
+        }
     )
     return Message(content=content, reply_to=msg)
 
@@ -138,8 +155,8 @@ def align(msg: Message, context: Context) -> Message:
 @app.train("fuse")
 def fuse(msg: Message, context: Context) -> Message:
     """Step 3 (fusing party): average the aligned models, train the filter adapter (DP-SGD)."""
-    cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
+    cfg = parse_config(context.run_config, n)
     torch.set_num_threads(1)
     models = [
         arrays_to_layers(_np(rec))
@@ -170,8 +187,8 @@ def fuse(msg: Message, context: Context) -> Message:
 @app.train()
 def fedavg_train(msg: Message, context: Context) -> Message:
     """FedAvg baseline: plain local SGD from the global model on this party's data."""
-    cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
+    cfg = parse_config(context.run_config, n)
     rnd = int(msg.content["config"]["server-round"])
     x, y, nc = party_data(cfg, pid, n)
     model = load_record(make_model(cfg, x.shape[1:], nc, 0), msg.content["arrays"])

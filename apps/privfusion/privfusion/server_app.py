@@ -74,7 +74,7 @@ def _np(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = parse_config(context.run_config)  # fails fast, naming the bad value
+    cfg = parse_config(context.run_config)  # fails fast, naming the bad value, before any work
     writer = ResultsWriter(output_dir(cfg["results-dir"], APP), cfg, app=APP)
     x_test, y_test, bundle = test_data(cfg)
     nodes = []
@@ -83,6 +83,9 @@ def main(grid: Grid, context: Context) -> None:
         if nodes:
             break
         time.sleep(1)
+    if not nodes:
+        raise RuntimeError("no SuperNode connected within 60 s")
+    cfg = parse_config(context.run_config, len(nodes))  # fusing-party < parties, before any work
     if cfg["method"] == "fedavg":
         return _fedavg(cfg, grid, writer, x_test, y_test, bundle)
     template = make_model(cfg, bundle.input_shape, bundle.num_classes, 0)

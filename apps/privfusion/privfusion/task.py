@@ -24,8 +24,14 @@ from privfusion.matching import MATCHERS
 
 METHODS = ("privfusion", "fedavg")
 # RDP orders of the accountant: Opacus' defaults extended to large orders, so that the small
-# budgets of the activation/adapter shares (epsilon < 0.3 at delta ~ 1e-6) can be certified
-RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 1025, 8))
+# budgets of the activation/adapter shares (epsilon < 0.3 at delta ~ 1e-6) can be certified.
+# The large orders are sparse: the RDP of an integer order a costs O(a) to evaluate, and a dense
+# grid up to 1024 made the noise calibration take ~10 s per training on this machine.
+RDP_ALPHAS = (
+    [1 + x / 10.0 for x in range(1, 100)]
+    + list(range(12, 64))
+    + [64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024]
+)
 
 
 def _hidden_ok(v: str) -> bool:
@@ -73,9 +79,19 @@ SCHEMA: dict[str, C.Option] = {
 }
 
 
-def parse_config(run_config) -> dict[str, Any]:
-    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`)."""
+def parse_config(run_config, num_parties: int | None = None) -> dict[str, Any]:
+    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`).
+
+    With ``num_parties`` (known to the ServerApp once the nodes are up, and to every ClientApp
+    from its node config) ``fusing-party`` is checked against it too; both call this before any
+    work.
+    """
     cfg = C.parse(run_config, SCHEMA)
+    if num_parties is not None and cfg["fusing-party"] >= num_parties:
+        raise C.ConfigError(
+            f"run config fusing-party = {cfg['fusing-party']}: must be a partition id below the "
+            f"number of parties ({num_parties})"
+        )
     if cfg["dataset"] not in available():
         raise DataError(f"unknown dataset {cfg['dataset']!r}; known: {', '.join(available())}")
     if cfg["act-frac"] + cfg["adapter-frac"] >= 1:
@@ -322,7 +338,7 @@ def activation_stats(
     epsilon: float,
     delta: float,
     seed: int,
-) -> tuple[list[np.ndarray], dict[str, float]]:
+) -> tuple[list[np.ndarray], np.ndarray, dict[str, float]]:
     """Perturbed class-conditional activation profiles of a party's hidden neurons.
 
     On ``m = min(num_samples, n)`` of the party's own records: each record's activation vector of
@@ -331,7 +347,9 @@ def activation_stats(
     ``sqrt(L + 1)`` in L2 (add/remove neighbours; ``L`` layers plus the count), so Gaussian noise of
     the analytic Gaussian mechanism at ``(epsilon, delta)`` and that sensitivity is added to
     every sum and count. Returns per layer a ``(h_l, num_classes)`` array: neuron ``a``'s noisy mean
-    activation per class (counts floored at 1).
+    activation per class (counts floored at 1), and the noisy class counts (released too: the
+    matcher uses them to leave out classes a party has (almost) no records of, whose noisy means
+    are pure noise).
     """
     g = torch.Generator().manual_seed(seed)
     m = min(num_samples, len(x))
@@ -351,7 +369,26 @@ def activation_stats(
         if sigma:
             s = s + rng.normal(0.0, sigma, size=s.shape)
         out.append(s / counts[None, :])
-    return out, {"act_sigma": sigma, "act_samples": m, "act_sensitivity": sens}
+    info = {"act_sigma": sigma, "act_samples": m, "act_sensitivity": sens}
+    return out, counts, info
+
+
+def reliable_classes(counts_a, counts_b, sigma: float, min_count: float = 5.0) -> np.ndarray:
+    """Classes whose noisy activation means are informative in both packages.
+
+    A class is kept when both parties' noisy counts are at least ``max(min_count, 3 * sigma)``:
+    with fewer records the released mean is dominated by the Gaussian noise (its standard
+    deviation is ``sigma / count`` against activations of unit-norm vectors). Post-processing of
+    released values only (``sigma`` follows from the public run config).
+    """
+    thr = max(min_count, 3.0 * sigma)
+    return (np.asarray(counts_a) >= thr) & (np.asarray(counts_b) >= thr)
+
+
+def act_sigma(cfg: dict[str, Any], num_layers: int) -> float:
+    """Noise std of the released activation sums (public: follows from the run config)."""
+    b = budget(cfg, fusing=False)
+    return analytic_gaussian_sigma(b["act"], b["delta_act"], math.sqrt(num_layers + 1))
 
 
 # ------------------------------------------------------------------ perturbation filter adapter
