@@ -112,11 +112,13 @@ def match(
     acts_b: list[np.ndarray] | None = None,
     method: str = "rrwm",
     act_weight: float = 1.0,
+    refine_iters: int = 0,
 ) -> list[np.ndarray]:
     """Per hidden layer, ``perm[l][a]`` = the neuron of B matched to neuron ``a`` of A.
 
     ``method``: ``rrwm`` / ``sm`` (QAP over all hidden neurons, then Hungarian per layer block) or
-    ``hungarian`` (layer-wise linear assignment, input side propagated layer by layer).
+    ``hungarian`` (layer-wise linear assignment, input side propagated layer by layer), followed
+    by ``refine_iters`` sweeps of :func:`refine`.
     """
     if method not in MATCHERS:
         raise ValueError(f"unknown matcher {method!r}; known: {', '.join(MATCHERS)}")
@@ -138,7 +140,7 @@ def match(
             if acts_b is not None:
                 acts_b = [a[p] if i == li else a for i, a in enumerate(acts_b)]
         # compose: every step permuted cur_b once, so perms are already w.r.t. the original B
-        return perms
+        return refine(layers_a, layers_b, perms, acts_a, acts_b, act_weight, iters=refine_iters)
     unary = unary_affinities(layers_a, layers_b, acts_a, acts_b, act_weight)
     k = lawler_affinity(layers_a, layers_b, unary)
     h = sum(u.shape[0] for u in unary)
@@ -150,6 +152,54 @@ def match(
         block = soft[off : off + n, off : off + n]
         perms.append(pygm.hungarian(block).argmax(1))
         off += n
+    return perms
+
+
+def _lap(score: np.ndarray) -> np.ndarray:
+    """Max-score assignment (pygmtools' Hungarian on a shifted, non-negative score)."""
+    return pygm.hungarian(score - score.min()).argmax(1)
+
+
+def refine(
+    layers_a: list[tuple[np.ndarray, np.ndarray]],
+    layers_b: list[tuple[np.ndarray, np.ndarray]],
+    perms: list[np.ndarray],
+    acts_a: list[np.ndarray] | None = None,
+    acts_b: list[np.ndarray] | None = None,
+    act_weight: float = 0.0,
+    iters: int = 10,
+) -> list[np.ndarray]:
+    """Coordinate ascent on the weight alignment ``sum_l <W_A^l, P_l W_B^l P_{l-1}^T>``.
+
+    Each hidden layer's permutation is re-solved (linear assignment, pygmtools) with the others
+    fixed, using its incoming weights and bias AND its outgoing weights (weight matching of
+    Ainsworth et al., "Git Re-Basin", ICLR 2023), plus ``act_weight`` times the (rescaled)
+    inner product of the released activation profiles. Starts from ``perms``; stops after
+    ``iters`` sweeps or when no permutation changes. ``iters = 0`` returns ``perms``.
+    """
+    perms = [np.asarray(p).copy() for p in perms]
+    n_hidden = len(layers_a) - 1
+    for _ in range(iters):
+        changed = False
+        for li in range(n_hidden):
+            wa, ba = layers_a[li]
+            wb, bb = layers_b[li]
+            if li > 0:
+                wb = wb[:, perms[li - 1]]
+            score = wa @ wb.T + np.outer(ba, bb)
+            wa2, wb2 = layers_a[li + 1][0], layers_b[li + 1][0]
+            if li + 1 < n_hidden:
+                wb2 = wb2[perms[li + 1]]
+            score = score + wa2.T @ wb2
+            if acts_a is not None and acts_b is not None and act_weight > 0:
+                aa = acts_a[li] @ acts_b[li].T
+                scale = np.abs(score).mean() / max(np.abs(aa).mean(), 1e-12)
+                score = score + act_weight * scale * aa
+            p = _lap(score)
+            if not np.array_equal(p, perms[li]):
+                perms[li], changed = p, True
+        if not changed:
+            break
     return perms
 
 
