@@ -20,6 +20,7 @@ from privfusion.task import (  # noqa: E402
     budget,
     layers_of,
     parse_config,
+    reliable_classes,
     sgd_train,
 )
 
@@ -141,3 +142,55 @@ def test_bad_config_fails_with_clear_message(override, word):
     with pytest.raises(ValueError, match=word):
         parse_config(override)
     assert issubclass(ConfigError, ValueError)
+
+
+def test_fusing_party_out_of_range_fails_in_parse_config():
+    assert parse_config({"fusing-party": 2}, num_parties=3)["fusing-party"] == 2
+    with pytest.raises(ConfigError, match="fusing-party = 3.*parties \\(3\\)"):
+        parse_config({"fusing-party": 3}, num_parties=3)
+
+
+def test_fusing_party_checked_by_server_before_any_message():
+    from flwr.app import Context, RecordDict
+    from privfusion.local_engine import LocalGrid
+    from privfusion.server_app import main
+
+    class CountingGrid(LocalGrid):
+        sent = 0
+
+        def send_and_receive(self, messages, *, timeout=None):
+            self.sent += len(list(messages))
+            return []
+
+    cfg = {"dataset": "breast_cancer", "fusing-party": 5, "results-dir": ""}
+    grid = CountingGrid(cfg, 3)
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
+    with pytest.raises(ConfigError, match="fusing-party = 5"):
+        main(grid, ctx)
+    assert grid.sent == 0  # no party trained anything
+
+
+def test_refinement_keeps_exact_recovery_and_is_a_fixed_point():
+    a = _random_layers([20, 12, 6, 3], seed=5)
+    rng = np.random.default_rng(6)
+    true = [rng.permutation(12), rng.permutation(6)]
+    b = permute_layers(a, true)
+    perms = match(a, b, method="hungarian", refine_iters=5)
+    for p, t in zip(perms, true, strict=True):
+        np.testing.assert_array_equal(t[p], np.arange(len(p)))
+    # started from a wrong assignment of layer 2, weight matching finds the right one
+    from privfusion.matching import refine
+
+    start = [perms[0], np.roll(perms[1], 1)]
+    fixed = refine(a, b, start, iters=10)
+    for p, t in zip(fixed, true, strict=True):
+        np.testing.assert_array_equal(t[p], np.arange(len(p)))
+
+
+def test_reliable_classes_drops_classes_with_few_noisy_records():
+    a = np.array([67.0, 0.4, 30.0, 12.0])
+    b = np.array([80.0, 90.0, 2.0, 12.0])
+    # sigma = 0: threshold is the floor of 5 records
+    np.testing.assert_array_equal(reliable_classes(a, b, 0.0), [True, False, False, True])
+    # sigma = 5: threshold 15 records
+    np.testing.assert_array_equal(reliable_classes(a, b, 5.0), [True, False, False, False])
