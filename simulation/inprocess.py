@@ -58,8 +58,16 @@ def load_components(path: Path) -> tuple[Any, Any]:
     return load(comps["serverapp"]), load(comps["clientapp"])
 
 
-def backend_config(num_cpus: float = 1, num_gpus: float = 0.0, ray_address: str = "") -> dict:
-    """Ray backend config; a GPU request on a machine without one falls back to CPU, loudly."""
+def backend_config(
+    num_cpus: float = 1, num_gpus: float = 0.0, ray_address: str = "", actor_max_restarts: int = 0
+) -> dict:
+    """Ray backend config; a GPU request on a machine without one falls back to CPU, loudly.
+
+    ``actor_max_restarts`` (0: Ray's default, no restart; -1: always) lets Ray restart a
+    ClientApp actor whose process died (e.g. ``os._exit`` in a ClientApp): the call that was
+    running fails with an error reply, later calls run on the restarted actor. Without it a dead
+    actor fails every later call it is given.
+    """
     gpus = float(num_gpus)
     if gpus > 0:
         import torch
@@ -78,8 +86,11 @@ def backend_config(num_cpus: float = 1, num_gpus: float = 0.0, ray_address: str 
     }
     if ray_address:
         init_args["address"] = ray_address
+    resources: dict[str, Any] = {"num_cpus": float(num_cpus), "num_gpus": gpus}
+    if actor_max_restarts:
+        resources["max_restarts"] = int(actor_max_restarts)  # passed to ActorClass.options()
     return {
-        "client_resources": {"num_cpus": float(num_cpus), "num_gpus": gpus},
+        "client_resources": resources,
         "init_args": init_args,
     }
 
@@ -92,6 +103,7 @@ def run_app(
     num_gpus: float = 0.0,
     ray_address: str = "",
     verbose: bool = False,
+    actor_max_restarts: int = 0,
 ) -> dict[str, Any]:
     """Run ``app`` with ``overrides`` on ``num_supernodes`` virtual clients; return its config.
 
@@ -134,7 +146,7 @@ def run_app(
         client_app=client_app,
         server_app=server_app,
         backend_name="ray",
-        backend_config=backend_config(num_cpus, num_gpus, ray_address),
+        backend_config=backend_config(num_cpus, num_gpus, ray_address, actor_max_restarts),
         server_app_context=ctx,
         app_dir=str(path),
         run=run,

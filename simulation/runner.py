@@ -7,6 +7,7 @@ One Hydra job = one Flower simulation of one app (``conf/config.yaml`` documents
     flowerbed-run -m ++run_config.alpha=0.1,0.5,1.0 seed=0,1,2   # sweep: table + plot at the end
     flowerbed-run resources=gpu                                # 0.25 GPU per virtual client
     flowerbed-run launcher=flwr                                # through the real `flwr run` CLI
+    flowerbed-run launcher=local                               # same app code, no Ray (fast sweeps)
 
 Each job writes ``results.json`` into its Hydra output folder; a multirun ends with
 ``summary.md`` (mean +/- std over seeds of every final metric, by the swept keys) and
@@ -73,6 +74,10 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             ray_address=str(cfg.ray_address),
             verbose=bool(cfg.verbose),
         )
+    elif cfg.launcher == "local":
+        from flowerbed.simulation.local import run_local
+
+        run_local(cfg.app.name, overrides, num_supernodes=int(cfg.app.num_supernodes))
     elif cfg.launcher == "flwr":
         from flowerbed.simulation.flwr_cli import flwr_run
 
@@ -86,7 +91,7 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if proc.returncode != 0:
             raise RuntimeError(f"flwr run failed ({proc.returncode}): {proc.stderr[-2000:]}")
     else:
-        raise ValueError(f"launcher={cfg.launcher!r}: must be inprocess or flwr")
+        raise ValueError(f"launcher={cfg.launcher!r}: must be inprocess, local or flwr")
     results = out_dir / "results.json"
     if not results.exists():
         raise RuntimeError(f"the run wrote no {results} (see the log above)")

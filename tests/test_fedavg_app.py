@@ -91,6 +91,14 @@ def test_inprocess_smoke_run(tmp_path):
     assert hist.shape == (3, 10) and hist.sum() == 60000
     assert rec["config"]["seed"] == 42 and rec["versions"]["flwr"]
 
+    # the same run without Ray (launcher=local) gives the same model: seeds come from
+    # (seed, partition, round), not from which actor ran which client in which order
+    from flowerbed.simulation.local import run_local
+
+    run_local("fedavg", {**FAST, "results-dir": str(tmp_path / "local")}, num_supernodes=3)
+    loc = json.loads((tmp_path / "local" / "results.json").read_text())["extra"]["final"]
+    assert loc["loss"] == pytest.approx(rec["extra"]["final"]["loss"], rel=1e-4)
+
 
 @pytest.mark.e2e
 def test_flwr_run_end_to_end(tmp_path):
