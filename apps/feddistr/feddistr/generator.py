@@ -7,8 +7,8 @@ It stands in for the paper's Stable Diffusion (RECONSTRUCTION, see the README):
   schedule, DDIM sampling); its conditioning input is a ``d``-dimensional vector ``c``
   projected and added to the timestep embedding (``class_embed_type="identity"``);
 * the conditioning space is learned WITHOUT labels, as in a diffusion autoencoder: during
-  pre-training ``c`` is drawn from a variational semantic encoder ``q(c | x)`` of the image
-  itself (KL-regularised to ``N(0, I)``) and dropped to the null vector with probability
+  pre-training ``c`` is the bounded code ``tanh(f(x))`` of a semantic encoder of the image
+  itself plus fixed Gaussian noise, and is dropped to the null vector with probability
   ``p_uncond``. No class label is ever seen, so a server holding only this model cannot train a
   classifier: class information arrives only with the clients' uploads.
 
@@ -43,10 +43,10 @@ class GenConfig:
     ae_channels: int = 16
     public_size: int = 10000
     ae_steps: int = 500
-    diffusion_steps: int = 1500
-    batch_size: int = 128
+    diffusion_steps: int = 1600
+    batch_size: int = 64
     lr: float = 2e-3
-    kl_weight: float = 0.02
+    code_noise: float = 0.1
     p_uncond: float = 0.1
     train_timesteps: int = 1000
     seed: int = 0
@@ -98,22 +98,25 @@ class AutoEncoder(nn.Module):
 
 
 class SemanticEncoder(nn.Module):
-    """``q(c | x) = N(mu(x), diag(exp(logvar(x))))`` on images (label-free)."""
+    """Label-free semantic code ``c = tanh(f(x))`` in ``[-1, 1]^d``; during pre-training
+    ``q(c | x) = N(c, noise^2 I)`` (fixed noise, a smoothness regulariser of the code space)."""
 
-    def __init__(self, cond_dim: int, ch: int = 32):
+    def __init__(self, cond_dim: int, ch: int = 32, noise: float = 0.1):
         super().__init__()
+        self.noise = noise
         self.net = nn.Sequential(
             nn.Conv2d(1, ch, 4, stride=2, padding=1),  # 14
             nn.SiLU(),
             nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1),  # 7
             nn.SiLU(),
             nn.Flatten(),
-            nn.Linear(2 * ch * 49, 2 * cond_dim),
+            nn.Linear(2 * ch * 49, cond_dim),
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.net(x).chunk(2, dim=1)
-        return mu, logvar.clamp(-8, 4)
+        """``(mean, logvar)`` of ``q(c | x)``."""
+        mu = torch.tanh(self.net(x))
+        return mu, torch.full_like(mu, 2 * float(np.log(self.noise)))
 
 
 class Generator(nn.Module):
@@ -125,7 +128,7 @@ class Generator(nn.Module):
 
         self.cfg = cfg
         self.ae = AutoEncoder(cfg.ae_channels)
-        self.sem = SemanticEncoder(cfg.cond_dim, cfg.ae_channels)
+        self.sem = SemanticEncoder(cfg.cond_dim, cfg.ae_channels, cfg.code_noise)
         c0, c1 = cfg.channels
         self.unet = UNet2DModel(
             sample_size=8,
@@ -215,8 +218,7 @@ def pretrain(cfg: GenConfig, x: torch.Tensor, log_every: int = 0) -> Generator:
         t = torch.randint(0, cfg.train_timesteps, (len(z0),), generator=g)
         z_t = sched.add_noise(z0, noise, t)
         pred = gen.unet(z_t, t, class_labels=emb).sample
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
-        loss = F.mse_loss(pred, noise) + cfg.kl_weight * kl / cfg.cond_dim
+        loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -224,7 +226,8 @@ def pretrain(cfg: GenConfig, x: torch.Tensor, log_every: int = 0) -> Generator:
         lr_sched.step()
         if log_every and step % log_every == 0:
             print(
-                f"[feddistr.pretrain] diffusion step {step} loss {loss.item():.4f} kl {kl:.2f}",
+                f"[feddistr.pretrain] diffusion step {step} loss {loss.item():.4f} "
+                f"code std {mu.std(0).mean().item():.3f}",
                 flush=True,
             )
     gen.eval().requires_grad_(False)
@@ -283,19 +286,21 @@ def invert(
     lr: float = 0.05,
     batch_per_cluster: int = 16,
     generator: torch.Generator | None = None,
+    fit_std: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Textual-inversion-style fit of ``N(m_j, diag(s_j^2))`` per cluster ``j`` (RECONSTRUCTION).
 
     Minimises ``E_{z in cluster j, t, eps, c ~ N(m_j, s_j^2)} || eps - eps_theta(z_t, t, c) ||^2``
-    over ``(m_j, log s_j)`` with the generator frozen, all clusters in one batch. Returns the
-    means, log-stds and the final loss.
+    over ``m_j`` (and ``log s_j`` if ``fit_std``; otherwise ``s_j`` stays at its initial value:
+    the denoising loss alone inflates it) with the generator frozen, all clusters in one batch.
+    Returns the means, log-stds and the final loss (running mean).
     """
     k = len(init_mean)
     mean = init_mean.clone().requires_grad_(True)
-    logstd = init_logstd.clone().requires_grad_(True)
+    logstd = init_logstd.clone().requires_grad_(fit_std)
     if steps <= 0:
         return mean.detach(), logstd.detach(), float("nan")
-    opt = torch.optim.Adam([mean, logstd], lr=lr)
+    opt = torch.optim.Adam([mean, logstd] if fit_std else [mean], lr=lr)
     sched = scheduler(gen.cfg)
     members = [torch.nonzero(cluster == j).flatten() for j in range(k)]
     loss_ema = float("nan")

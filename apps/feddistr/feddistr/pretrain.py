@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TINY if args.tiny else GenConfig()
     path = checkpoint_path(cfg)
     t0 = time.perf_counter()
-    gen = load_or_build(cfg, args.data_dir, log_every=100)
+    gen = load_or_build(cfg, args.data_dir, log_every=50)
     print(f"[feddistr.pretrain] generator at {path} ({time.perf_counter() - t0:.0f} s)")
     from feddistr.task import save_grid
 

@@ -192,9 +192,9 @@ def client_upload(cfg: dict[str, Any], pid: int, k: int) -> tuple[dict[str, np.n
     """Split local data into base distributions and fit one Gaussian condition per cluster.
 
     Per local class: k-means (``clusters-per-class``) on the semantic codes ``mu(x)`` of the
-    frozen generator; per cluster, the aggregated posterior moments initialise ``(m, log s)``,
-    refined by :func:`feddistr.generator.invert` (textual-inversion style) for
-    ``inversion-steps`` steps. Returns the arrays to upload and metrics.
+    frozen generator; per cluster, the moments of the codes (plus the encoder noise) give
+    ``(m, log s)``; ``m`` is then refined by :func:`feddistr.generator.invert`
+    (textual-inversion style, ``s`` kept) for ``inversion-steps`` steps. Returns the arrays to upload and metrics.
     """
     from sklearn.cluster import KMeans
 

@@ -1,0 +1,83 @@
+"""The README table from a folder of FedDistr/baseline runs: ``python -m feddistr.report DIR``.
+
+Collects every ``results.json`` below ``DIR`` (e.g. the sweep folders of ``flowerbed-run -m``),
+groups them by partition and method, and prints a Markdown table of test accuracy (mean +/- std
+over seeds) and total bytes communicated: FedDistr (one round), FedAvg / FedProx after 1, 10 and
+50 rounds (read from the per-round record of one 50-round run) and centralized training.
+It also writes ``DIR/feddistr_table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+COLUMNS = [  # (header, method, accuracy key, bytes key)
+    ("FedDistr (1 round)", "feddistr", "accuracy", "bytes_total"),
+    ("FedAvg @1", "fedavg", "accuracy_r1", "bytes_total_r1"),
+    ("FedAvg @10", "fedavg", "accuracy_r10", "bytes_total_r10"),
+    ("FedAvg @50", "fedavg", "accuracy_r50", "bytes_total_r50"),
+    ("FedProx @50", "fedprox", "accuracy_r50", "bytes_total_r50"),
+    ("Centralized", "centralized", "accuracy", "bytes_total"),
+]
+PARTITIONS = ("disentangled", "near", "entangled")
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0
+    return f"{m:.3f} ± {sd:.3f}"
+
+
+def _bytes(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if m >= f:
+            return f"{m / f:.3g} {unit}"
+    return f"{m:.0f} B"
+
+
+def table(folder: str | Path) -> str:
+    runs = defaultdict(list)
+    for p in sorted(Path(folder).rglob("results.json")):
+        rec = json.loads(p.read_text())
+        if rec.get("app") != "feddistr" or "final" not in rec.get("extra", {}):
+            continue
+        c = rec["config"]
+        runs[(c["partition"], c["method"])].append(rec["extra"]["final"])
+    cols = [col for col in COLUMNS if any(m == col[1] for _, m in runs)]
+    lines = [
+        "| partition | " + " | ".join(h for h, *_ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for part in PARTITIONS:
+        if not any(p == part for p, _ in runs):
+            continue
+        accs, byts = [], []
+        for _, method, ak, bk in cols:
+            finals = [f for f in runs.get((part, method), []) if ak in f]
+            accs.append(_ms([f[ak] for f in finals]) + (f" (n={len(finals)})" if finals else ""))
+            byts.append(_bytes([f[bk] for f in finals]))
+        lines.append(f"| {part}: accuracy | " + " | ".join(accs) + " |")
+        lines.append(f"| {part}: bytes | " + " | ".join(byts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder")
+    args = ap.parse_args(argv)
+    text = table(args.folder)
+    (Path(args.folder) / "feddistr_table.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
