@@ -35,7 +35,15 @@ ROWS = (
 # records of ONE class only (seed 0: 67 x class 0, another party 213 x class 1 + 2 x class 0):
 # constant predictors whose neurons carry no features, so there was nothing to fuse (see README).
 SETTINGS = {
-    "fashion_mnist": {"max-samples": 3000, "test-samples": 2000, "hidden": "32,16"},
+    # lr 1.0 and 10 epochs: with lr 0.2 and 5 epochs DP-SGD's clipped steps left the parties at
+    # ~0.40 accuracy for every epsilon in 2..8 (under-trained by clipping, not by noise)
+    "fashion_mnist": {
+        "max-samples": 3000,
+        "test-samples": 2000,
+        "hidden": "32,16",
+        "lr": 1.0,
+        "local-epochs": 10,
+    },
     "breast_cancer": {
         "partitioner": "iid",
         "hidden": "16,8",
