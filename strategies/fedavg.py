@@ -9,6 +9,10 @@ AISTATS 2017 (arXiv:1602.05629). The averaging is Flower's own
   below ``max_update_norm``; a bad reply is logged with its reason and left out;
 - failed replies (a ClientApp that raised, timed out or died) are counted with their reasons;
   if fewer than ``min_train_replies`` valid replies arrive, the global model is kept unchanged;
+- replies that never arrive (a ClientApp that hung past the round timeout or whose process died
+  without an error reply) are counted as ``num_timeouts``;
+- valid replies are averaged in an order fixed by their content (not by arrival order), so a
+  run is bitwise reproducible whatever order the clients finish in;
 - bytes sent and received are counted per round;
 - with ``sample_seed`` set, the clients of each round are a function of (seed, round) over the
   partition ids, not of node ids or Ray's scheduling (see
@@ -19,8 +23,10 @@ Per-round bookkeeping is in :attr:`FedAvg.history` (``{round: {...}}``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -203,10 +209,19 @@ class FedAvg(_FlowerFedAvg):
         """Replies that carry no error and pass :meth:`check_reply`; the rest are counted."""
         rnd = self._round(server_round)
         good, reasons = [], []
+        replies = list(replies)
+        if is_train and "num_sampled" in rnd:
+            missing = max(0, rnd["num_sampled"] - len(replies))
+            rnd["num_timeouts"] = missing
+            if missing:
+                reasons.append(f"{missing} node(s): no reply within the round timeout")
+                log(WARNING, "round %d: %d sampled node(s) did not reply", server_round, missing)
         for msg in replies:
             if msg.has_error():
                 rnd["num_failures"] += 1
-                reasons.append(f"node {msg.metadata.src_node_id}: error {msg.error.reason}")
+                reasons.append(
+                    f"node {msg.metadata.src_node_id}: error {_error_summary(msg.error.reason)}"
+                )
                 continue
             rnd["bytes_received"] += content_nbytes(msg.content)
             why = self.check_reply(msg, is_train)
@@ -226,6 +241,7 @@ class FedAvg(_FlowerFedAvg):
             rnd.setdefault("failure_reasons", []).extend(r[:300] for r in reasons)
         key = "num_train_replies" if is_train else "num_evaluate_replies"
         rnd[key] = len(good)
+        good.sort(key=_content_key)  # arrival order must not change the float sums
         return good
 
     def aggregate_train(
@@ -251,6 +267,15 @@ class FedAvg(_FlowerFedAvg):
         """Weighted mean of the replies' arrays (override for other aggregation rules)."""
         return aggregate_arrayrecords(contents, self.weighted_by_key)
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """JSON-serialisable state needed to resume a run (per-round bookkeeping)."""
+        return {"history": {str(k): v for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.history = {int(k): dict(v) for k, v in state.get("history", {}).items()}
+
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -271,3 +296,30 @@ class FedAvg(_FlowerFedAvg):
         if not good:
             return None
         return self.evaluate_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
+
+
+_ROOT_CAUSE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Fault|Exit): \S.*)$")
+
+
+def _error_summary(reason: str, width: int = 140) -> str:
+    """Short error text: the innermost ``SomeError: message`` line of a traceback (the root cause
+    of a wrapped Ray/ClientApp error) followed by the start of the full reason."""
+    reason = str(reason)
+    causes = [m.group(1) for ln in reason.splitlines() if (m := _ROOT_CAUSE.match(ln))]
+    head = reason[:width].replace("\n", " ")
+    if causes and causes[-1][:40] not in head:
+        return f"{causes[-1][:width]} [{head}]"
+    return head
+
+
+def _content_key(msg: Message) -> tuple:
+    """Order of a reply fixed by its content: digest of its arrays and metrics."""
+    h = hashlib.sha1()
+    for rec in msg.content.array_records.values():
+        for k, a in rec.items():
+            h.update(k.encode())
+            h.update(a.data)
+            h.update(len(a.data).to_bytes(8, "little"))
+    for rec in msg.content.metric_records.values():
+        h.update(repr(sorted(rec.items())).encode())
+    return (h.hexdigest(), msg.metadata.src_node_id)

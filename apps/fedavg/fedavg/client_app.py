@@ -5,6 +5,7 @@ from flwr.clientapp import ClientApp
 
 from fedavg.task import local_evaluate, local_train, parse_config
 from flowerbed.common.client import add_partition_query, partition_of
+from flowerbed.common.faults import maybe_inject
 from flowerbed.common.records import reply
 
 app = ClientApp()
@@ -16,6 +17,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
     server_round = int(msg.content["config"]["server-round"])
+    maybe_inject(cfg, pid, server_round)  # fault injection (run config fault-*; off by default)
     arrays, metrics = local_train(cfg, msg.content["arrays"], pid, n, server_round)
     return Message(content=reply(arrays, **metrics), reply_to=msg)
 

@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from flowerbed.common import config as C
+from flowerbed.common import faults
 from flowerbed.common.client import local_tensors
 from flowerbed.common.data import load_dataset
 from flowerbed.common.models import MODELS, build_model
@@ -19,6 +20,15 @@ from flowerbed.common.partition import SCHEMES
 from flowerbed.common.records import load_record, to_record
 from flowerbed.common.seeding import derive_seed, set_seed
 from flowerbed.common.train import evaluate, get_device, train
+
+
+def _id_list(v: str) -> bool:
+    try:
+        faults.parse_ids(v)
+    except ValueError:
+        return False
+    return True
+
 
 SCHEMA: dict[str, C.Option] = {
     "num-server-rounds": C.Option(30, C.positive, "number of rounds, > 0"),
@@ -42,6 +52,23 @@ SCHEMA: dict[str, C.Option] = {
     "seed": C.Option(42),
     "results-dir": C.Option(""),
     "device": C.Option("auto", choices=("auto", "cpu", "cuda")),
+    # --- fault tolerance, checkpoints, privacy (all off by default)
+    "round-timeout": C.Option(3600.0, C.positive, "seconds to wait for replies per round > 0"),
+    "fault-mode": C.Option("none", choices=faults.MODES),
+    "fault-rate": C.Option(0.0, C.unit_interval, "fraction of client calls failing in [0, 1]"),
+    "fault-partitions": C.Option("", _id_list, "comma-separated partition ids"),
+    "fault-rounds": C.Option("", _id_list, "comma-separated round numbers"),
+    "fault-hang-s": C.Option(0.0, C.non_negative, "hang seconds >= 0 (0 = round-timeout + 5)"),
+    "checkpoint": C.Option(False, help="write a checkpoint after every round"),
+    "resume": C.Option(False, help="continue from the checkpoint in results-dir"),
+    "dp-noise-multiplier": C.Option(0.0, C.non_negative, "noise multiplier >= 0 (0 = no DP)"),
+    "dp-clipping-norm": C.Option(1.0, C.positive, "clipping norm > 0"),
+    "dp-delta": C.Option(1e-5, lambda v: 0 < v < 1, "delta in (0, 1)"),
+    "secagg": C.Option(False, help="aggregate with Flower's SecAgg+ (legacy workflow)"),
+    "secagg-num-shares": C.Option(3, lambda v: v >= 2, "shares per secret >= 2"),
+    "secagg-reconstruction-threshold": C.Option(2, lambda v: v >= 2, "threshold >= 2"),
+    "secagg-clipping-range": C.Option(8.0, C.positive, "clipping range > 0"),
+    "secagg-quantization-range": C.Option(4194304, C.positive, "quantization range > 0"),
 }
 
 
@@ -54,6 +81,10 @@ def parse_config(run_config) -> dict[str, Any]:
         from flowerbed.common.data import DataError
 
         raise DataError(f"unknown dataset {cfg['dataset']!r}; known: {', '.join(available())}")
+    if cfg["fault-hang-s"] == 0:
+        cfg["fault-hang-s"] = cfg["round-timeout"] + 5.0
+    if cfg["secagg"] and cfg["dp-noise-multiplier"] > 0:
+        raise C.ConfigError("secagg=true with dp-noise-multiplier>0: choose one of the two")
     return cfg
 
 
