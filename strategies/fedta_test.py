@@ -145,7 +145,7 @@ def test_strategy_aggregates_pools_and_prototypes_and_rejects_bad_replies():
     p1, p2 = _pool(1), _pool(2)
     good = [
         _reply(1, *p1, {"p.0": np.eye(8)[0], "k.0": np.eye(8)[1], "p.1": np.eye(8)[2]}),
-        _reply(2, *p2, {"p.0": np.eye(8)[3], "p.2": np.eye(8)[4]}, n=30),
+        _reply(2, *p2, {"p.0": 0.6 * np.eye(8)[3] + 0.8 * np.eye(8)[2], "p.2": np.eye(8)[4]}, n=30),
     ]
     nan = np.eye(8)[0].copy()
     nan[1] = np.nan
@@ -163,10 +163,11 @@ def test_strategy_aggregates_pools_and_prototypes_and_rejects_bad_replies():
     _, keys = average_pools([p1, p2], [10, 30])
     np.testing.assert_allclose(arrays["keys"].numpy(), keys.numpy(), rtol=1e-6)
     assert arrays["prompts"].numpy().shape == (4, 2, 8)
-    # orthogonal prototypes e0, e3 (class 0), e2 (class 1), e4 (class 2): row means are
-    # 2/4 for class 0 (not < 0.5: kept unfrozen) and 1/4 for classes 1 and 2 (frozen)
+    # class 0: e0 and u = 0.6 e3 + 0.8 e2; class 1: e2; class 2: e4. Row means (same class = 1):
+    # e0 (1+1+0+0)/4 = 0.5, u (1+1+0.8+0)/4 = 0.7, e2 (0+0.8+1+0)/4 = 0.45, e4 1/4.
+    # Class 0 -> e0 (0.5, not < 0.5: unfrozen); classes 1 and 2 frozen.
     assert sorted(s.global_protos) == [0, 1, 2] and s.frozen == {1, 2}
-    np.testing.assert_allclose(s.global_protos[0], np.eye(8)[0])  # tie: first upload
+    np.testing.assert_allclose(s.global_protos[0], np.eye(8)[0])
     assert metrics["num_frozen"] == 2 and "sikf_loss" in metrics
     # next round sends the global prototypes and the frozen classes
     msgs = list(s.configure_train(2, arrays, ConfigRecord({"task": 1}), FakeGrid([1])))
