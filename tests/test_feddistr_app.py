@@ -53,6 +53,6 @@ def test_flwr_run_end_to_end(tmp_path):
     rec = json.loads((out / "results.json").read_text())
     final = rec["extra"]["final"]
     # disentangled: the two clients hold disjoint classes, nothing is merged
-    assert final["num_merges"] == 0 and final["num_consolidated"] == 10
+    assert final["num_merges"] == 0 and final["num_consolidated"] == final["num_uploaded"] >= 10
     assert final["bytes_received"] > 0 and final["rounds"] == 1
     assert (Path(app_path("feddistr")) / "pyproject.toml").read_text() == pyproject

@@ -69,8 +69,8 @@ SCHEMA: dict[str, C.Option] = {
     "test-size": C.Option(5000, C.positive, "number of test images > 0"),
     "data-dir": C.Option(""),
     "generator": C.Option("default", choices=("default", "tiny")),
-    "clusters-per-class": C.Option(1, C.positive, "k-means clusters per local class > 0"),
-    "inversion-steps": C.Option(60, C.non_negative, "inversion steps >= 0"),
+    "clusters-per-class": C.Option(3, C.positive, "k-means clusters per local class > 0"),
+    "inversion-steps": C.Option(0, C.non_negative, "inversion steps >= 0"),
     "inversion-lr": C.Option(0.05, C.positive, "inversion learning rate > 0"),
     "match-threshold": C.Option(0.5, lambda v: -1 <= v <= 1, "cosine threshold in [-1, 1]"),
     "match-same-label": C.Option(True),
@@ -194,7 +194,8 @@ def client_upload(cfg: dict[str, Any], pid: int, k: int) -> tuple[dict[str, np.n
     Per local class: k-means (``clusters-per-class``) on the semantic codes ``mu(x)`` of the
     frozen generator; per cluster, the moments of the codes (plus the encoder noise) give
     ``(m, log s)``; ``m`` is then refined by :func:`feddistr.generator.invert`
-    (textual-inversion style, ``s`` kept) for ``inversion-steps`` steps. Returns the arrays to upload and metrics.
+    (textual-inversion style, ``s`` kept) for ``inversion-steps`` steps. Returns the arrays to
+    upload and metrics.
     """
     from sklearn.cluster import KMeans
 
