@@ -198,7 +198,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
         y,
         epochs=cfg["fedavg-epochs"],
         batch_size=cfg["batch-size"],
-        lr=cfg["lr"],
+        lr=cfg["fedavg-lr"],
         momentum=cfg["momentum"],
         generator=set_seed(derive_seed(cfg["seed"], pid, rnd)),
         device=get_device(cfg["device"]),

@@ -73,6 +73,7 @@ SCHEMA: dict[str, C.Option] = {
     "adapter-lr": C.Option(0.1, C.positive, "adapter learning rate > 0"),
     "fedavg-rounds": C.Option(10, C.positive, "FedAvg rounds > 0"),
     "fedavg-epochs": C.Option(1, C.positive, "FedAvg local epochs > 0"),
+    "fedavg-lr": C.Option(0.2, C.positive, "FedAvg learning rate > 0"),
     "seed": C.Option(42),
     "results-dir": C.Option(""),
     "device": C.Option("cpu", choices=("auto", "cpu", "cuda")),
@@ -217,7 +218,8 @@ def sgd_train(
     seed: int = 0,
 ) -> dict[str, float]:
     """Train ``params`` of ``module`` on ``(x, y)``; DP-SGD with Opacus if ``target_epsilon`` is
-    finite (RDP accountant, Poisson sampling, flat clipping at ``max_grad_norm``).
+    finite (RDP accountant, Poisson sampling, flat per-sample clipping at ``max_grad_norm``);
+    otherwise plain SGD with the batch gradient's norm clipped at ``max_grad_norm``.
 
     Returns ``epsilon`` (spent, from Opacus' accountant at ``delta``; inf without DP),
     ``noise_multiplier``, ``sample_rate``, ``steps`` and ``train_loss``.
@@ -255,6 +257,9 @@ def sgd_train(
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
+            if engine is None:  # no privacy: the same clipping bound on the batch gradient, no
+                # noise (keeps the large DP-SGD learning rate stable without DP)
+                nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             steps += 1
             total += float(loss.detach())
