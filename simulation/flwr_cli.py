@@ -80,6 +80,7 @@ def simulation_superlink(num_supernodes: int = 2, num_cpus: float = 1, num_gpus:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0"),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     (home / "config.toml").write_text(

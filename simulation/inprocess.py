@@ -130,6 +130,9 @@ def run_app(
     config = {**defaults, **overrides}
     server_app, client_app = load_components(path)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts workers with niceness +15 by default: in a simulation the actors ARE the
+    # workload, so give them the priority of the process that started them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     run = Run.create_empty(run_id=abs(hash((str(path), os.getpid()))) % (2**62))
     run.override_config = overrides
     run.primary_task_id = 1
