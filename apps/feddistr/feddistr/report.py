@@ -3,7 +3,8 @@
 Collects every ``results.json`` below ``DIR`` (e.g. the sweep folders of ``flowerbed-run -m``),
 groups them by partition and method, and prints a Markdown table of test accuracy (mean +/- std
 over seeds) and total bytes communicated: FedDistr (one round), FedAvg / FedProx after 1, 10 and
-50 rounds (read from the per-round record of one 50-round run) and centralized training.
+50 rounds (read from the per-round record of one 50-round run; a run still in progress counts
+for the rounds it has reached) and centralized training. ``n`` is the number of seeds per cell.
 It also writes ``DIR/feddistr_table.md``.
 """
 
@@ -44,14 +45,31 @@ def _bytes(values: list[float]) -> str:
     return f"{m:.0f} B"
 
 
+def per_round(rec: dict) -> dict:
+    """``accuracy_r<R>`` / ``bytes_total_r<R>`` (R = 1, 10, 50) from a FedAvg/FedProx run's
+    per-round record (also for a run still in progress: rounds not reached are absent)."""
+    out, cum = {}, 0
+    for row in sorted(rec.get("rounds", []), key=lambda r: r["round"]):
+        if row["round"] < 1:
+            continue
+        cum += row.get("bytes_sent", 0) + row.get("bytes_received", 0)
+        if row["round"] in (1, 10, 50) and "server_accuracy" in row:
+            out[f"accuracy_r{row['round']}"] = row["server_accuracy"]
+            out[f"bytes_total_r{row['round']}"] = cum
+    return out
+
+
 def table(folder: str | Path) -> str:
     runs = defaultdict(list)
     for p in sorted(Path(folder).rglob("results.json")):
         rec = json.loads(p.read_text())
-        if rec.get("app") != "feddistr" or "final" not in rec.get("extra", {}):
+        if rec.get("app") != "feddistr":
             continue
         c = rec["config"]
-        runs[(c["partition"], c["method"])].append(rec["extra"]["final"])
+        if c["method"] in ("fedavg", "fedprox"):
+            runs[(c["partition"], c["method"])].append(per_round(rec))
+        elif "final" in rec.get("extra", {}):
+            runs[(c["partition"], c["method"])].append(rec["extra"]["final"])
     cols = [col for col in COLUMNS if any(m == col[1] for _, m in runs)]
     lines = [
         "| partition | " + " | ".join(h for h, *_ in cols) + " |",
