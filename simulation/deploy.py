@@ -136,17 +136,17 @@ def make_pki(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
 
 
 def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
-    """An EC P-384 key pair for SuperNode authentication: (private PEM, public OpenSSH)."""
+    """An EC P-384 key pair for SuperNode authentication: (private, public), OpenSSH format."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = directory / f"{name}.key", directory / f"{name}.pub"
-    priv.write_bytes(
+    priv.write_bytes(  # flower-supernode reads an OpenSSH private key
         key.private_bytes(
             serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
+            serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         )
     )

@@ -6,8 +6,9 @@ accounting with Renyi DP (Mironov, "Renyi Differential Privacy", CSF 2017, arXiv
 its subsampled version (Mironov, Talwar, Zhang 2019, arXiv:1908.10530).
 
 Built on Flower's :class:`~flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping`
-(its clipping ``compute_clip_model_update`` and Gaussian noise ``_add_noise_to_aggregated_arrays``
-are used as they are). Flower 1.41's own ``RdpAccountant`` needs the ``dp-accounting`` package
+(its Gaussian noise ``_add_noise_to_aggregated_arrays`` is used as it is; the flat clipping is
+Flower's ``clip_inputs_inplace`` rule, re-done here in float64 and guarded against a zero update,
+which makes Flower's version divide by zero). Flower 1.41's own ``RdpAccountant`` needs the ``dp-accounting`` package
 (not installed here) and refuses a wrapped strategy that overrides ``aggregate_train``, so the
 epsilon is computed with Opacus' RDP accountant instead; this is the same RDP bound for the
 (subsampled) Gaussian mechanism.
@@ -38,7 +39,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
-from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from flowerbed.strategies.fedavg import FedAvg
 
@@ -128,9 +128,12 @@ class DPFedAvg(DifferentialPrivacyServerSideFixedClipping):
         for msg in good:
             record = next(iter(msg.content.array_records.values()))
             nd = record.to_numpy_ndarrays()
-            compute_clip_model_update(nd, current, self.clipping_norm)  # in place: w_i -> w+clip
-            for t, a, c in zip(total, nd, current, strict=True):
-                t += a.astype(np.float64) - c
+            delta = [a.astype(np.float64) - c for a, c in zip(nd, current, strict=True)]
+            norm = float(np.sqrt(sum(np.sum(d * d) for d in delta)))
+            # Flower's clip_inputs_inplace (FlatClip), guarded against a zero update
+            scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
+            for t, d in zip(total, delta, strict=True):
+                t += d * scale
         m = self.num_sampled_clients
         mean = ArrayRecord(
             {
