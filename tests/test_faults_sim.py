@@ -51,7 +51,7 @@ def test_fault_schedule_is_a_function_of_seed_partition_round():
         ({"fault-rate": 1.5}, "fault-rate=1.5"),
         ({"fault-partitions": "1,x"}, "fault-partitions='1,x'"),
         ({"round-timeout": 0.0}, "round-timeout=0.0"),
-        ({"secagg": True, "dp-noise-multiplier": 1.0}, "choose one"),
+        ({"dp-delta": 1.0}, "dp-delta=1.0"),
     ],
 )
 def test_bad_fault_config_names_the_value(bad, needle):

@@ -1,8 +1,7 @@
 """FedAvg ServerApp: FedAvg/FedProx with server-side evaluation on the test split.
 
 Options (run config, all off by default): central DP (``dp-noise-multiplier``), a checkpoint per
-round and resume (``checkpoint``, ``resume``), a per-round reply timeout (``round-timeout``) and
-SecAgg+ aggregation (``secagg``, see :mod:`fedavg.secagg`).
+round and resume (``checkpoint``, ``resume``) and a per-round reply timeout (``round-timeout``).
 """
 
 import json
@@ -56,10 +55,6 @@ def main(grid: Grid, context: Context) -> None:
     out = output_dir(cfg["results-dir"], "fedavg")
     writer = ResultsWriter(out, cfg, app="fedavg")
     num_nodes = len(list(grid.get_node_ids()))
-    if cfg["secagg"]:
-        from fedavg.secagg import run_secagg
-
-        return run_secagg(grid, context, cfg, writer)
     strategy = build_strategy(cfg, num_nodes)
     if cfg["checkpoint"] or cfg["resume"]:
         from flowerbed.common.checkpoint import Checkpointed

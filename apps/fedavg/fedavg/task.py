@@ -64,11 +64,6 @@ SCHEMA: dict[str, C.Option] = {
     "dp-noise-multiplier": C.Option(0.0, C.non_negative, "noise multiplier >= 0 (0 = no DP)"),
     "dp-clipping-norm": C.Option(1.0, C.positive, "clipping norm > 0"),
     "dp-delta": C.Option(1e-5, lambda v: 0 < v < 1, "delta in (0, 1)"),
-    "secagg": C.Option(False, help="aggregate with Flower's SecAgg+ (legacy workflow)"),
-    "secagg-num-shares": C.Option(3, lambda v: v >= 2, "shares per secret >= 2"),
-    "secagg-reconstruction-threshold": C.Option(2, lambda v: v >= 2, "threshold >= 2"),
-    "secagg-clipping-range": C.Option(8.0, C.positive, "clipping range > 0"),
-    "secagg-quantization-range": C.Option(4194304, C.positive, "quantization range > 0"),
 }
 
 
@@ -83,8 +78,6 @@ def parse_config(run_config) -> dict[str, Any]:
         raise DataError(f"unknown dataset {cfg['dataset']!r}; known: {', '.join(available())}")
     if cfg["fault-hang-s"] == 0:
         cfg["fault-hang-s"] = cfg["round-timeout"] + 5.0
-    if cfg["secagg"] and cfg["dp-noise-multiplier"] > 0:
-        raise C.ConfigError("secagg=true with dp-noise-multiplier>0: choose one of the two")
     return cfg
 
 
