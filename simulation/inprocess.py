@@ -45,6 +45,18 @@ def app_config(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return flatten_dict(app.get("config", {})), app["components"]
 
 
+def fused_config(app: str, overrides: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
+    """(app folder, its pyproject run config with ``overrides`` applied), as ``flwr run
+    --run-config`` fuses them; an override key the app does not declare is a one-line error."""
+    path = app_dir(app)
+    defaults, _ = app_config(path)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown run config key {unknown[0]!r} for app {path.name!r}")
+    return path, {**defaults, **overrides}
+
+
 def load_components(path: Path) -> tuple[Any, Any]:
     """Import the app's ServerApp and ClientApp objects (the app folder goes on sys.path)."""
     _, comps = app_config(path)
@@ -119,15 +131,10 @@ def run_app(
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    path = app_dir(app)
-    defaults, _ = app_config(path)
+    path, config = fused_config(app, overrides)
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown run config key {unknown[0]!r} for app {path.name!r}")
     if num_supernodes < 1:
         raise ValueError(f"num_supernodes={num_supernodes}: must be >= 1")
-    config = {**defaults, **overrides}
     server_app, client_app = load_components(path)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray starts workers with niceness +15 by default: in a simulation the actors ARE the

@@ -22,7 +22,7 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 
 from flowerbed.common.testing import FakeGrid
-from flowerbed.simulation.inprocess import app_config, app_dir, load_components
+from flowerbed.simulation.inprocess import fused_config, load_components
 
 
 class LocalGrid(FakeGrid):
@@ -72,13 +72,7 @@ class LocalGrid(FakeGrid):
 
 def run_local(app: str, overrides: dict[str, Any] | None = None, num_supernodes: int = 10):
     """Run ``app`` with ``overrides`` on a :class:`LocalGrid`; return the fused run config."""
-    path = app_dir(app)
-    defaults, _ = app_config(path)
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown run config key {unknown[0]!r} for app {path.name!r}")
-    config = {**defaults, **overrides}
+    path, config = fused_config(app, overrides)
     server_app, client_app = load_components(path)
     grid = LocalGrid(client_app, config, num_supernodes)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)

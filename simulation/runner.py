@@ -31,23 +31,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from flowerbed.simulation.inprocess import app_config, app_dir, run_app
+from flowerbed.simulation.inprocess import app_config, fused_config, run_app
 
 log = logging.getLogger("flowerbed.runner")
 
 
 def validate(app: str, overrides: dict[str, Any]) -> Path:
     """Check ``overrides`` against the app's pyproject keys and its ``task.SCHEMA``."""
-    path = app_dir(app)
-    defaults, comps = app_config(path)
-    unknown = sorted(set(overrides) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown run config key {unknown[0]!r} for app {path.name!r}")
+    path, merged = fused_config(app, overrides)
+    _, comps = app_config(path)
     pkg = comps["serverapp"].split(".")[0]
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     task = importlib.import_module(f"{pkg}.task")
-    merged = {**defaults, **overrides}
     if hasattr(task, "parse_config"):
         task.parse_config(merged)
     elif hasattr(task, "SCHEMA"):
