@@ -21,6 +21,7 @@ COLUMNS = [  # (header, method, accuracy key, bytes key)
     ("FedAvg @1", "fedavg", "accuracy_r1", "bytes_total_r1"),
     ("FedAvg @10", "fedavg", "accuracy_r10", "bytes_total_r10"),
     ("FedAvg @50", "fedavg", "accuracy_r50", "bytes_total_r50"),
+    ("FedAvg @last round reached", "fedavg", "accuracy_last", "bytes_total_last"),
     ("FedProx @50", "fedprox", "accuracy_r50", "bytes_total_r50"),
     ("Centralized", "centralized", "accuracy", "bytes_total"),
 ]
@@ -53,9 +54,12 @@ def per_round(rec: dict) -> dict:
         if row["round"] < 1:
             continue
         cum += row.get("bytes_sent", 0) + row.get("bytes_received", 0)
-        if row["round"] in (1, 10, 50) and "server_accuracy" in row:
-            out[f"accuracy_r{row['round']}"] = row["server_accuracy"]
-            out[f"bytes_total_r{row['round']}"] = cum
+        if "server_accuracy" in row:
+            out["accuracy_last"], out["bytes_total_last"] = row["server_accuracy"], cum
+            out["round_last"] = row["round"]
+            if row["round"] in (1, 10, 50):
+                out[f"accuracy_r{row['round']}"] = row["server_accuracy"]
+                out[f"bytes_total_r{row['round']}"] = cum
     return out
 
 
@@ -81,7 +85,12 @@ def table(folder: str | Path) -> str:
         accs, byts = [], []
         for _, method, ak, bk in cols:
             finals = [f for f in runs.get((part, method), []) if ak in f]
-            accs.append(_ms([f[ak] for f in finals]) + (f" (n={len(finals)})" if finals else ""))
+            note = f" (n={len(finals)})" if finals else ""
+            if ak == "accuracy_last" and finals:
+                note = (
+                    f" (n={len(finals)}, round {', '.join(str(f['round_last']) for f in finals)})"
+                )
+            accs.append(_ms([f[ak] for f in finals]) + note)
             byts.append(_bytes([f[bk] for f in finals]))
         lines.append(f"| {part}: accuracy | " + " | ".join(accs) + " |")
         lines.append(f"| {part}: bytes | " + " | ".join(byts) + " |")
