@@ -77,14 +77,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)  # fails fast, naming the bad value, before any work
     writer = ResultsWriter(output_dir(cfg["results-dir"], APP), cfg, app=APP)
     x_test, y_test, bundle = test_data(cfg)
-    nodes = []
-    for _ in range(60):
-        nodes = sorted(grid.get_node_ids())
-        if nodes:
-            break
-        time.sleep(1)
-    if not nodes:
-        raise RuntimeError("no SuperNode connected within 60 s")
+    nodes = _wait_for_nodes(grid)
     cfg = parse_config(context.run_config, len(nodes))  # fusing-party < parties, before any work
     if cfg["method"] == "fedavg":
         return _fedavg(cfg, grid, writer, x_test, y_test, bundle)
@@ -247,6 +240,27 @@ def main(grid: Grid, context: Context) -> None:
         final["party_best_accuracy"],
         path,
     )
+
+
+def _wait_for_nodes(grid: Grid, timeout: float = 300.0, settle: float = 5.0) -> list[int]:
+    """The connected nodes, once at least one is up and the count was stable for ``settle`` s.
+
+    The protocol is one-shot, so a party connecting late would be left out; on a loaded
+    machine SuperNodes can take minutes to start.
+    """
+    deadline = time.monotonic() + timeout
+    nodes: list[int] = []
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        now = sorted(grid.get_node_ids())
+        if now != nodes:
+            nodes, stable_since = now, time.monotonic()
+        elif nodes and time.monotonic() - stable_since >= settle:
+            return nodes
+        time.sleep(0.5)
+    if not nodes:
+        raise RuntimeError(f"no SuperNode connected within {timeout:.0f} s")
+    return nodes
 
 
 def _eps(v) -> float:
