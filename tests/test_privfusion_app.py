@@ -63,10 +63,11 @@ def test_flwr_run_end_to_end(tmp_path):
 
 def test_local_engine_run_matches_and_beats_averaging(tmp_path):
     """The sweep's in-process LocalGrid path: the app's ServerApp/ClientApp code without Ray."""
-    from privfusion.local_engine import run_local
+    from flowerbed.simulation.local import run_local
 
     out = tmp_path / "local"
     run_local(
+        "privfusion",
         {
             **TINY,
             "partitioner": "iid",

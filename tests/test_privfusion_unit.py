@@ -152,8 +152,10 @@ def test_fusing_party_out_of_range_fails_in_parse_config():
 
 def test_fusing_party_checked_by_server_before_any_message():
     from flwr.app import Context, RecordDict
-    from privfusion.local_engine import LocalGrid
+    from privfusion.client_app import app as client_app
     from privfusion.server_app import main
+
+    from flowerbed.simulation.local import LocalGrid
 
     class CountingGrid(LocalGrid):
         sent = 0
@@ -163,7 +165,7 @@ def test_fusing_party_checked_by_server_before_any_message():
             return []
 
     cfg = {"dataset": "breast_cancer", "fusing-party": 5, "results-dir": ""}
-    grid = CountingGrid(cfg, 3)
+    grid = CountingGrid(client_app, cfg, 3)
     ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg)
     with pytest.raises(ConfigError, match="fusing-party = 5"):
         main(grid, ctx)

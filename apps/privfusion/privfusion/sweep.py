@@ -6,7 +6,7 @@
     python -m privfusion.sweep --report outputs/privfusion-sweep     # table + plot only
 
 Each (dataset, epsilon, seed) is one run of the app's ServerApp and ClientApp code on the
-in-process :class:`~privfusion.local_engine.LocalGrid` (``--engine ray``: Flower's simulation
+in-process :class:`~flowerbed.simulation.local.LocalGrid` (``--engine ray``: Flower's simulation
 engine via ``run_app``); the FedAvg baseline is one run per (dataset, seed). The table (Markdown, mean +/- std
 over seeds of ``extra.final`` of each ``results.json``) is printed and written to
 ``<out>/summary.md``; the plot goes to ``<out>/accuracy_vs_epsilon.png`` (and, with ``--png``, to
@@ -60,9 +60,9 @@ def _launch(engine: str, overrides: dict, parties: int) -> None:
 
         run_app("privfusion", overrides, num_supernodes=parties)
     else:
-        from privfusion.local_engine import run_local
+        from flowerbed.simulation.local import run_local
 
-        run_local(overrides, parties)
+        run_local("privfusion", overrides, num_supernodes=parties)
 
 
 def run(args) -> None:
