@@ -57,6 +57,10 @@ def run_strategy(
     train/evaluate metrics are merged in at the end.
     """
     t_last = [time.perf_counter()]
+    # Flower's in-memory Grid (simulation) polls for replies every 0.1 s; with rounds of a few
+    # seconds that is a visible share of the round. Poll every 10 ms instead.
+    if hasattr(grid, "pull_interval"):
+        grid.pull_interval = min(grid.pull_interval, 0.01)
 
     def _eval(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         res = evaluate_fn(server_round, arrays) if evaluate_fn else None
