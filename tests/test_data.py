@@ -15,7 +15,10 @@ def test_fashion_mnist_shapes_and_range():
 
 
 def test_mmap_equals_in_memory(tmp_path, monkeypatch):
+    import flowerbed.common.data as data
+
     monkeypatch.setenv("FLOWERBED_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_CACHE", {})  # earlier tests may have loaded it from elsewhere
     a = load_dataset("digits")
     m = load_dataset("digits", mmap=True)
     assert isinstance(m.x_train, np.memmap)
