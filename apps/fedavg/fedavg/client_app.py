@@ -3,6 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedavg.secagg import is_legacy, legacy_train, secagg_switch
 from fedavg.task import local_evaluate, local_train, parse_config
 from flowerbed.common.client import add_partition_query, partition_of
 from flowerbed.common.faults import maybe_inject
@@ -12,10 +13,12 @@ app = ClientApp()
 add_partition_query(app)
 
 
-@app.train()
+@app.train(mods=[secagg_switch])  # SecAgg+ stages go to Flower's secaggplus_mod (secagg = true)
 def train(msg: Message, context: Context) -> Message:
     cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
+    if is_legacy(msg):  # the SecAgg+ workflow sends a legacy FitIns
+        return legacy_train(cfg, msg, pid, n)
     server_round = int(msg.content["config"]["server-round"])
     maybe_inject(cfg, pid, server_round)  # fault injection (run config fault-*; off by default)
     arrays, metrics = local_train(cfg, msg.content["arrays"], pid, n, server_round)

@@ -1,7 +1,8 @@
 """FedAvg ServerApp: FedAvg/FedProx with server-side evaluation on the test split.
 
 Options (run config, all off by default): central DP (``dp-noise-multiplier``), a checkpoint per
-round and resume (``checkpoint``, ``resume``) and a per-round reply timeout (``round-timeout``).
+round and resume (``checkpoint``, ``resume``), a per-round reply timeout (``round-timeout``) and
+secure aggregation with Flower's SecAgg+ (``secagg``, see :mod:`fedavg.secagg`).
 """
 
 import json
@@ -55,6 +56,20 @@ def main(grid: Grid, context: Context) -> None:
     out = output_dir(cfg["results-dir"], "fedavg")
     writer = ResultsWriter(out, cfg, app="fedavg")
     num_nodes = len(list(grid.get_node_ids()))
+    if cfg["secagg"]:
+        from fedavg.secagg import run_secagg
+
+        final = run_secagg(
+            grid, context, cfg, writer, central_evaluator(cfg), initial_arrays(cfg), num_nodes
+        )
+        writer.set("label_histograms", label_histograms(cfg, num_nodes))
+        writer.set("final", final)
+        print(
+            f"[flowerbed] fedavg (SecAgg+) final test accuracy "
+            f"{final.get('accuracy', float('nan')):.4f} -> {writer.write(final=True)}",
+            flush=True,
+        )
+        return
     strategy = build_strategy(cfg, num_nodes)
     if cfg["checkpoint"] or cfg["resume"]:
         from flowerbed.common.checkpoint import Checkpointed

@@ -45,7 +45,7 @@ SCHEMA: dict[str, C.Option] = {
     "local-epochs": C.Option(1, C.positive, "local epochs > 0"),
     "local-steps": C.Option(0, C.non_negative, "step cap >= 0 (0 = none)"),
     "batch-size": C.Option(64, C.positive, "batch size > 0"),
-    "lr": C.Option(0.05, C.positive, "learning rate > 0"),
+    "lr": C.Option(0.1, C.positive, "learning rate > 0"),
     "momentum": C.Option(0.0, C.unit_interval, "momentum in [0, 1]"),
     "max-update-norm": C.Option(0.0, C.non_negative, "norm bound >= 0 (0 = off)"),
     "min-train-replies": C.Option(1, C.positive, "minimum valid replies > 0"),
@@ -64,6 +64,19 @@ SCHEMA: dict[str, C.Option] = {
     "dp-noise-multiplier": C.Option(0.0, C.non_negative, "noise multiplier >= 0 (0 = no DP)"),
     "dp-clipping-norm": C.Option(1.0, C.positive, "clipping norm > 0"),
     "dp-delta": C.Option(1e-5, lambda v: 0 < v < 1, "delta in (0, 1)"),
+    # --- secure aggregation (Flower's SecAgg+, legacy workflow; fedavg/secagg.py)
+    "secagg": C.Option(False, help="aggregate with SecAgg+ instead of the plain strategy"),
+    "secagg-num-shares": C.Option(
+        1.0, lambda v: 0 < v <= 1 or (v > 2 and v == int(v)), "fraction in (0, 1] or count > 2"
+    ),
+    "secagg-reconstruction-threshold": C.Option(
+        0.67, lambda v: 0 < v <= 1 or (v >= 2 and v == int(v)), "fraction in (0, 1] or count >= 2"
+    ),
+    "secagg-clipping-range": C.Option(8.0, C.positive, "clipping range > 0"),
+    "secagg-quantization-range": C.Option(
+        4194304, lambda v: 1 < v < 2**32, "quantization range in (1, 2**32)"
+    ),
+    "secagg-max-weight": C.Option(0.0, C.non_negative, "max client weight >= 0 (0 = auto)"),
 }
 
 
@@ -76,6 +89,14 @@ def parse_config(run_config) -> dict[str, Any]:
         from flowerbed.common.data import DataError
 
         raise DataError(f"unknown dataset {cfg['dataset']!r}; known: {', '.join(available())}")
+    if cfg["secagg"]:
+        clash = [
+            f"{k}={cfg[k]}"
+            for k in ("dp-noise-multiplier", "max-update-norm", "fraction-evaluate")
+            if cfg[k] > 0
+        ] + [k for k in ("checkpoint", "resume") if cfg[k]]
+        if clash:
+            raise C.ConfigError(f"secagg=true cannot be combined with {clash[0]}")
     if cfg["fault-hang-s"] == 0:
         cfg["fault-hang-s"] = cfg["round-timeout"] + 5.0
     return cfg
