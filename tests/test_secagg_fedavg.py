@@ -148,3 +148,20 @@ def test_secagg_config_clashes_are_named():
         task.parse_config({"secagg": True, "checkpoint": True})
     with pytest.raises(ConfigError, match="secagg-num-shares=2.0"):
         task.parse_config({"secagg-num-shares": 2.0})
+
+
+@pytest.mark.e2e
+def test_secagg_through_flwr_run(tmp_path):
+    """The same option through the real ``flwr run`` (SuperLink, simulation runtime)."""
+    from flowerbed.simulation.flwr_cli import flwr_run
+
+    out = tmp_path / "e2e"
+    cfg = {**CFG, "num-server-rounds": 2, "secagg": True, "results-dir": str(out)}
+    p = flwr_run("fedavg", cfg, num_supernodes=K, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fedavg (SecAgg+) final test accuracy" in p.stdout
+    rec = json.loads((out / "results.json").read_text())
+    rounds = {r["round"]: r for r in rec["rounds"]}
+    assert sorted(rounds) == [0, 1, 2]
+    assert all(rounds[r]["num_train_replies"] == K for r in (1, 2))
+    assert rec["extra"]["final"]["accuracy"] > rounds[0]["server_accuracy"]
