@@ -150,6 +150,23 @@ def test_secagg_config_clashes_are_named():
         task.parse_config({"secagg-num-shares": 2.0})
 
 
+def test_secagg_survives_a_dropped_client(tmp_path):
+    """A client that fails in the masked-upload stage: SecAgg+ reconstructs its pairwise masks
+    from its neighbours' shares and unmasks the sum of the 4 others (launcher=local, no Ray)."""
+    from flowerbed.simulation.local import run_local
+
+    out = tmp_path / "drop"
+    faults = {"fault-mode": "raise", "fault-partitions": "1"}
+    cfg = {**CFG, "num-server-rounds": 2, "secagg": True, **faults, "results-dir": str(out)}
+    run_local("fedavg", cfg, num_supernodes=5)
+    rec = json.loads((out / "results.json").read_text())
+    rounds = {r["round"]: r for r in rec["rounds"]}
+    for r in (1, 2):
+        assert rounds[r]["num_sampled"] == 5 and rounds[r]["num_train_replies"] == 4, rounds[r]
+        assert rounds[r]["num_failures"] == 1, rounds[r]
+    assert rounds[2]["server_accuracy"] > rounds[0]["server_accuracy"] + 0.1
+
+
 @pytest.mark.e2e
 def test_secagg_through_flwr_run(tmp_path):
     """The same option through the real ``flwr run`` (SuperLink, simulation runtime)."""

@@ -113,23 +113,65 @@ class CountingGrid:
     def __init__(self, grid) -> None:
         self._grid = grid
         self.rows: dict[int, dict[str, int]] = {}
+        self.sampled: dict[int, set[int]] = {}  # round -> nodes sent a message
+        self.failed: dict[int, set[int]] = {}  # round -> nodes with an error or no reply
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
+    @property
+    def run(self):
+        """The grid's run (the legacy client manager reads ``run.run_id``; flowerbed's
+        ``launcher=local`` grid has none)."""
+        run = getattr(self._grid, "run", None)
+        if run is None:
+            from types import SimpleNamespace
+
+            return SimpleNamespace(run_id=0)
+        return run
+
     def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
+        messages = _own_contents(list(messages))
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for m in messages:
             row = self.rows.setdefault(int(m.metadata.group_id or 0), {})
             row["bytes_sent"] = row.get("bytes_sent", 0) + _content_bytes(m.content)
+        ok: dict[int, set[int]] = {}
         for r in replies:
-            row = self.rows.setdefault(int(r.metadata.group_id or 0), {})
+            rnd = int(r.metadata.group_id or 0)
+            row = self.rows.setdefault(rnd, {})
             if r.has_content():
                 row["bytes_received"] = row.get("bytes_received", 0) + _content_bytes(r.content)
+                ok.setdefault(rnd, set()).add(r.metadata.src_node_id)
+        for m in messages:
+            rnd, nid = int(m.metadata.group_id or 0), m.metadata.dst_node_id
+            self.sampled.setdefault(rnd, set()).add(nid)
+            if nid not in ok.get(rnd, set()):
+                self.failed.setdefault(rnd, set()).add(nid)
         if TAP is not None:
             TAP("exchange", (messages, replies))
         return replies
+
+
+def _own_contents(messages: list[Message]) -> list[Message]:
+    """Give every message its own content: the SecAgg+ workflow sends one RecordDict to all
+    nodes and ``secaggplus_mod`` pops keys from it, which is harmless when the grid serializes
+    messages (Flower's grids) but not with an in-process grid that passes objects through."""
+    import copy
+
+    seen: set[int] = set()
+    out = []
+    for m in messages:
+        if id(m.content) in seen:
+            m = Message(
+                content=copy.deepcopy(m.content),
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=m.metadata.message_type,
+                group_id=m.metadata.group_id,
+            )
+        seen.add(id(m.content))
+        out.append(m)
+    return out
 
 
 def secagg_workflow(cfg: dict, max_weight: float):
@@ -184,11 +226,11 @@ def run_secagg(grid, context: Context, cfg: dict, writer, evaluate, init: ArrayR
         """Legacy FedAvg whose aggregate keeps the model's dtypes and logs the round's row."""
 
         def aggregate_fit(self, server_round, results, failures):
-            sampled = len(results) + len(failures)
+            # Flower's workflow lists a failed reply twice in `failures`: count nodes instead
             fit_rows[server_round] = {
-                "num_sampled": sampled,
+                "num_sampled": len(counting.sampled.get(server_round, ())),
                 "num_train_replies": len(results),
-                "num_failures": len(failures),
+                "num_failures": len(counting.failed.get(server_round, ())),
                 "secagg_max_weight": float(max_weight),
             }
             params, metrics = super().aggregate_fit(server_round, results, failures)
