@@ -16,7 +16,7 @@ from flowerbed.common.testing import mock_reply
 app_path("fedavg")
 from fedavg import client_app, task  # noqa: E402
 
-FAST = {"num-server-rounds": 2, "local-steps": 20, "batch-size": 32}
+FAST = {"num-server-rounds": 2, "local-steps": 20, "batch-size": 32, "lr": 0.05}
 
 
 def test_client_train_call_directly():
