@@ -179,9 +179,13 @@ class FedAvg(_FlowerFedAvg):
         node_ids = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
         log(INFO, "configure_train: sampled %d nodes", len(node_ids))
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self._round(server_round)["num_sampled"] = len(node_ids)
+        record = self.message_record(arrays, config)
         return self._messages(record, node_ids, MessageType.TRAIN, server_round)
+
+    def message_record(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+        """Content of the train and evaluate messages (override to send more than the model)."""
+        return RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
 
     def check_reply(self, msg: Message, is_train: bool) -> str | None:
         """Why the reply ``msg`` must be left out, or None. Subclasses may extend it."""
@@ -285,7 +289,7 @@ class FedAvg(_FlowerFedAvg):
             return []
         node_ids = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes)
         config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        record = self.message_record(arrays, config)
         return self._messages(record, node_ids, MessageType.EVALUATE, server_round)
 
     def aggregate_evaluate(

@@ -40,7 +40,6 @@ from flwr.app import (
     ArrayRecord,
     ConfigRecord,
     Message,
-    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -290,7 +289,8 @@ class FedTA(FedAvg):
             }
         )
 
-    def _record(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+    def message_record(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+        """Train/evaluate content: the global pool, the global prototypes and ``config``."""
         config["frozen-classes"] = sorted(self.frozen)
         return RecordDict({"arrays": arrays, "protos": self.protos_record(), "config": config})
 
@@ -298,26 +298,8 @@ class FedTA(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global pool, the global prototypes and ``config`` to the sampled nodes."""
-        self._global = arrays
         self._freeze_ok = bool(config.get("bgps-freeze", True))
-        node_ids = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes)
-        config["server-round"] = server_round
-        self._round(server_round)["num_sampled"] = len(node_ids)
-        return self._messages(
-            self._record(arrays, config), node_ids, MessageType.TRAIN, server_round
-        )
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the global pool and prototypes for evaluation on the clients' test sets."""
-        if self.fraction_evaluate == 0.0:
-            return []
-        node_ids = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes)
-        config["server-round"] = server_round
-        return self._messages(
-            self._record(arrays, config), node_ids, MessageType.EVALUATE, server_round
-        )
+        return super().configure_train(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------ checks
     def check_reply(self, msg: Message, is_train: bool) -> str | None:
