@@ -19,6 +19,11 @@ and local steps) and each is started as a fresh process (cold start). Measured p
   between the processes that map them; what the machine really spends) and as RSS (shared pages
   counted once per process).
 
+Each mode runs twice: once for the times with nothing watching it, once for the memory. Reading
+``/proc/<pid>/smaps_rollup`` of every process costs about 30 ms of CPU per sample over a Ray
+process tree (3 ms for the single plain process), which on 2 cores slowed the Flower rounds by
+10-20% when time and memory came from the same run.
+
 Modes: ``plain`` (:mod:`flowerbed.simulation.plain`), ``inprocess`` (ServerApp thread + Ray
 actors, :func:`flowerbed.simulation.inprocess.run_app`), ``flwr`` (the real ``flwr run`` CLI
 with a SuperLink, :func:`flowerbed.simulation.flwr_cli.flwr_run`). Ray gets one actor with both
@@ -85,19 +90,39 @@ def child(mode: str, clients: int, per_round: int, rounds: int, out: str) -> Non
 
 
 # ---------------------------------------------------------------- parent side
-def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+def _label(p: psutil.Process, root: psutil.Process) -> str:
+    """A short name for a process of the tree: driver, ray::X, gcs_server, dashboard.py, ..."""
+    if p.pid == root.pid:
+        return "driver"
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0].split(".")[0]
+    for arg in cmd[:3]:
+        if arg.endswith(".py") or "flower-" in arg or "flwr-" in arg:
+            return Path(arg).name
+    return Path(cmd[0]).name if cmd else p.name()
+
+
+def _tree_memory(proc: psutil.Process) -> tuple[int, int, dict[str, int]]:
+    """(PSS, RSS, PSS per process label) summed over ``proc`` and its descendants."""
     pss = rss = 0
+    parts: dict[str, int] = {}
     for p in [proc, *proc.children(recursive=True)]:
         try:
             info = p.memory_full_info()
-            pss += info.pss
-            rss += info.rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return pss, rss
+            label = _label(p, proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+            continue
+        pss += info.pss
+        rss += info.rss
+        parts[label] = parts.get(label, 0) + info.pss
+    return pss, rss, parts
 
 
-def measure(mode: str, clients: int, per_round: int, rounds: int, tmp: Path) -> dict:
+def measure(
+    mode: str, clients: int, per_round: int, rounds: int, tmp: Path, memory: bool = False
+) -> dict:
+    """One cold run of ``mode``: times, or (``memory=True``) peak memory sampled every 0.1 s."""
     out = tmp / f"{mode}-{clients}.json"
     cmd = [
         sys.executable,
@@ -118,21 +143,25 @@ def measure(mode: str, clients: int, per_round: int, rounds: int, tmp: Path) -> 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ps = psutil.Process(proc.pid)
-    peak = [0, 0]
+    peak: list = [0, 0, {}]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            pss, rss = _tree_memory(ps)
-            peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
+            pss, rss, parts = _tree_memory(ps)
+            if pss > peak[0]:
+                peak[0], peak[2] = pss, parts
+            peak[1] = max(peak[1], rss)
             done.wait(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    if memory:
+        th.start()
     _, err = proc.communicate()
     e2e = time.perf_counter() - t0
     done.set()
-    th.join()
+    if memory:
+        th.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} with {clients} clients failed:\n{err.decode()[-3000:]}")
     r = json.loads(out.read_text())
@@ -146,8 +175,34 @@ def measure(mode: str, clients: int, per_round: int, rounds: int, tmp: Path) -> 
         "steady_round_s": steady,
         "peak_pss_mb": peak[0] / 2**20,
         "peak_rss_mb": peak[1] / 2**20,
+        "peak_parts_mb": {k: round(v / 2**20) for k, v in peak[2].items()},
         "accuracy": r["accuracy"],
     }
+
+
+def measure_modes(
+    modes: list[str], clients: int, per_round: int, rounds: int, tmp: Path, repeat: int = 1
+) -> list[dict]:
+    """Per mode: each time the best of ``repeat`` unobserved runs, memory from one sampled run.
+
+    The repeats are interleaved (plain, inprocess, flwr, plain, ...) so that a slow phase of
+    the machine does not fall on one mode only.
+    """
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for _ in range(repeat):
+        for m in modes:
+            runs[m].append(measure(m, clients, per_round, rounds, tmp))
+    rows = []
+    for m in modes:
+        row = dict(runs[m][0])
+        for key in ("e2e_s", "startup_s", "steady_round_s"):
+            row[key] = min(r[key] for r in runs[m])
+        mem = measure(m, clients, per_round, rounds, tmp, memory=True)
+        for key in ("peak_pss_mb", "peak_rss_mb", "peak_parts_mb"):
+            row[key] = mem[key]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def report(rows: list[dict], per_round: int) -> str:
@@ -187,6 +242,12 @@ def report(rows: list[dict], per_round: int) -> str:
             f"PSS {a['peak_pss_mb']:.0f} -> {b['peak_pss_mb']:.0f} MB "
             f"({b['peak_pss_mb'] / a['peak_pss_mb']:.2f}x)",
         ]
+    lines += ["", "peak PSS by process (MB, at the sample where the total peaked):"]
+    for r in rows:
+        parts = sorted(r.get("peak_parts_mb", {}).items(), key=lambda kv: -kv[1])
+        lines.append(
+            f"- {r['mode']} ({r['clients']} clients): " + ", ".join(f"{k} {v}" for k, v in parts)
+        )
     return "\n".join(lines)
 
 
@@ -197,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-round", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--scale", action="store_true", help="also 1000 virtual clients (inprocess)")
-    ap.add_argument("--repeat", type=int, default=1, help="repeat each mode, keep the fastest")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="timed runs per mode (interleaved); best kept"
+    )
     ap.add_argument("--child", default="")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
@@ -209,15 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     from flowerbed.common.client import local_tensors
 
     local_tensors("fashion_mnist", 0, a.clients, "iid", 0)
-    rows = []
-    for mode in [m for m in a.modes.split(",") if m]:
-        runs = [measure(mode, a.clients, a.per_round, a.rounds, tmp) for _ in range(a.repeat)]
-        rows.append(min(runs, key=lambda r: r["e2e_s"]))
-        print(json.dumps(rows[-1]), flush=True)
+    modes = [m for m in a.modes.split(",") if m]
+    rows = measure_modes(modes, a.clients, a.per_round, a.rounds, tmp, a.repeat)
     if a.scale:
         local_tensors("fashion_mnist", 0, 1000, "iid", 0)
-        rows.append(measure("inprocess", 1000, a.per_round, a.rounds, tmp))
-        print(json.dumps(rows[-1]), flush=True)
+        rows += measure_modes(["inprocess"], 1000, a.per_round, a.rounds, tmp)
     print(report(rows, a.per_round))
 
 

@@ -135,11 +135,15 @@ def run_app(
     overrides = dict(overrides or {})
     if num_supernodes < 1:
         raise ValueError(f"num_supernodes={num_supernodes}: must be >= 1")
-    server_app, client_app = load_components(path)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     # Ray starts workers with niceness +15 by default: in a simulation the actors ARE the
     # workload, so give them the priority of the process that started them.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    backend = backend_config(num_cpus, num_gpus, ray_address, actor_max_restarts)
+    if not ray_address:
+        cpus = len(os.sched_getaffinity(0))  # what Ray detects on this node
+        start_local_ray(path, backend["init_args"], max(1, int(cpus // max(num_cpus, 1e-9))))
+    server_app, client_app = load_components(path)
     run = Run.create_empty(run_id=abs(hash((str(path), os.getpid()))) % (2**62))
     run.override_config = overrides
     run.primary_task_id = 1
@@ -156,7 +160,7 @@ def run_app(
         client_app=client_app,
         server_app=server_app,
         backend_name="ray",
-        backend_config=backend_config(num_cpus, num_gpus, ray_address, actor_max_restarts),
+        backend_config=backend,
         server_app_context=ctx,
         app_dir=str(path),
         run=run,
@@ -164,6 +168,31 @@ def run_app(
         verbose_logging=verbose,
     )
     return config
+
+
+def start_local_ray(path: Path, init_args: dict[str, Any], num_actors: int) -> None:
+    """Start the local Ray node before the app is imported here, with the ClientApp preloaded.
+
+    Flower's backend starts Ray only when it is not running yet, after the ServerApp's imports,
+    and hands the app folder to the workers through a ``runtime_env``; an actor with a runtime
+    env cannot use the workers Ray prestarts, so a fresh worker is spawned and only imports the
+    ClientApp (torch, ...) when the first message arrives. Here the folder goes on the workers'
+    ``PYTHONPATH`` instead, and Ray's ``preload_python_modules`` makes the prestarted workers
+    import the ClientApp module while this process is still importing the ServerApp.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    _, comps = app_config(path)
+    entries = [str(path), *sys.path, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(e for e in entries if e))
+    system_config = {
+        "preload_python_modules": [comps["clientapp"].split(":")[0]],
+        # prestart (and keep idle) only as many workers as the pool will have actors
+        "num_workers_soft_limit": num_actors,
+    }
+    ray.init(**init_args, _system_config=system_config)
 
 
 def _exit_event():

@@ -63,8 +63,10 @@ def run(
             rec, metrics = task.local_train(cfg, arrays, pid, num_partitions, rnd)
             updates.append((rec, int(metrics["num-examples"])))
         arrays = weighted_mean(updates)
-        times.append(time.perf_counter() - t0)
         history[rnd] = evaluate(rnd, arrays)
+        # like the ServerApp's round time (common/server.py): training, aggregation and the
+        # server-side evaluation of the round
+        times.append(time.perf_counter() - t0)
         if on_round:
             on_round(rnd, history[rnd], times[-1])
     return {"history": history, "round_times": times, "arrays": arrays}
