@@ -62,21 +62,31 @@ def overrides(rounds: int, results_dir: str, fraction: float) -> dict:
 
 # ---------------------------------------------------------------- child side
 def child(mode: str, clients: int, per_round: int, rounds: int, out: str) -> None:
+    t_start = time.time()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     res_dir = str(Path(out).parent / f"results-{mode}-{clients}")
     ov = overrides(rounds, res_dir, per_round / clients)
+    phases: dict[str, float] = {}
     if mode == "plain":
         from flowerbed.simulation.plain import run
 
+        t_run = time.time()
         r = run(ov, clients, per_round)
-        times = r["round_times"]
+        r["t_entry"] = t_run
+        times, train = r["round_times"], r["train_times"]
         acc = r["history"][rounds]["accuracy"]
+        phases = {
+            "imports": r["imports_s"] + r["t_entry"] - t_start,
+            "initial evaluation": r["initial_eval_s"],
+        }
     else:
+        t_app = time.time()
         if mode == "inprocess":
             from flowerbed.simulation.inprocess import run_app
 
-            run_app("fedavg", ov, num_supernodes=clients, num_cpus=2)
+            timings: dict[str, float] = {}
+            run_app("fedavg", ov, num_supernodes=clients, num_cpus=2, timings=timings)
         else:
             from flowerbed.simulation.flwr_cli import flwr_run
 
@@ -84,9 +94,21 @@ def child(mode: str, clients: int, per_round: int, rounds: int, out: str) -> Non
             if p.returncode != 0:
                 raise SystemExit(p.stderr[-3000:])
         rec = json.loads((Path(res_dir) / "results.json").read_text())
-        times = [r["round_time_s"] for r in rec["rounds"] if r["round"] >= 1]
+        rows = [r for r in rec["rounds"] if r["round"] >= 1]
+        times = [r["round_time_s"] for r in rows]
+        train = [r.get("train_train-time-s", 0.0) for r in rows]
         acc = rec["extra"]["final"]["accuracy"]
-    Path(out).write_text(json.dumps({"round_times": times, "accuracy": acc}))
+        if mode == "inprocess":
+            phases = {
+                "imports": t_app - t_start + timings["imports_s"],
+                "ray start": timings["ray_start_s"],
+                "app import": timings["app_import_s"],
+                "initial evaluation": rec["rounds"][0]["round_time_s"],
+                "teardown": timings["simulation_s"] - rec["wall_time_s"],
+            }
+    out_rec = {"round_times": times, "train_times": train, "accuracy": acc, "phases": phases}
+    out_rec["t_start"], out_rec["t_end"] = t_start, time.time()
+    Path(out).write_text(json.dumps(out_rec))
 
 
 # ---------------------------------------------------------------- parent side
@@ -140,6 +162,7 @@ def measure(
         str(out),
     ]
     env = {**os.environ, "FLOWERBED_OUTPUTS": str(tmp)}
+    t_spawn = time.time()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ps = psutil.Process(proc.pid)
@@ -167,12 +190,20 @@ def measure(
     r = json.loads(out.read_text())
     times = r["round_times"]
     steady = sum(times[1:]) / max(len(times) - 1, 1)
+    phases = {
+        "python start": r["t_start"] - t_spawn,
+        **r["phases"],
+        "round 1 - steady round": times[0] - steady,
+        "exit": e2e - (r["t_end"] - t_spawn),
+    }
     return {
         "mode": mode,
         "clients": clients,
         "e2e_s": e2e,
         "startup_s": e2e - sum(times),
         "steady_round_s": steady,
+        "train_call_s": sum(r["train_times"][1:]) / max(len(times) - 1, 1),
+        "phases": phases,
         "peak_pss_mb": peak[0] / 2**20,
         "peak_rss_mb": peak[1] / 2**20,
         "peak_parts_mb": {k: round(v / 2**20) for k, v in peak[2].items()},
@@ -194,8 +225,8 @@ def measure_modes(
             runs[m].append(measure(m, clients, per_round, rounds, tmp))
     rows = []
     for m in modes:
-        row = dict(runs[m][0])
-        for key in ("e2e_s", "startup_s", "steady_round_s"):
+        row = dict(min(runs[m], key=lambda r: r["e2e_s"]))  # its start-up phases are shown
+        for key in ("e2e_s", "startup_s", "steady_round_s", "train_call_s"):
             row[key] = min(r[key] for r in runs[m])
         mem = measure(m, clients, per_round, rounds, tmp, memory=True)
         for key in ("peak_pss_mb", "peak_rss_mb", "peak_parts_mb"):
@@ -209,15 +240,17 @@ def report(rows: list[dict], per_round: int) -> str:
     base = next(r for r in rows if r["mode"] == "plain" and r["clients"] == rows[0]["clients"])
     lines = [
         "| mode | clients | end to end (s) | start-up (s) | steady round (s) | overhead/call (ms)"
-        " | peak PSS (MB) | peak RSS (MB) | final acc |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " | local SGD/call (ms) | peak PSS (MB) | peak RSS (MB) | final acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ov = (r["steady_round_s"] - base["steady_round_s"]) / per_round * 1000
+        ov = "n/a"  # the plain loop ran with the first row's client count only
+        if r["clients"] == base["clients"]:
+            ov = f"{(r['steady_round_s'] - base['steady_round_s']) / per_round * 1000:.0f}"
         lines.append(
             f"| {r['mode']} | {r['clients']} | {r['e2e_s']:.1f} | {r['startup_s']:.1f} | "
-            f"{r['steady_round_s']:.2f} | {ov:.0f} | {r['peak_pss_mb']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |"
+            f"{r['steady_round_s']:.2f} | {ov} | {r['train_call_s'] * 1000:.0f} | "
+            f"{r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |"
         )
     lines += [
         "",
@@ -242,6 +275,22 @@ def report(rows: list[dict], per_round: int) -> str:
             f"PSS {a['peak_pss_mb']:.0f} -> {b['peak_pss_mb']:.0f} MB "
             f"({b['peak_pss_mb'] / a['peak_pss_mb']:.2f}x)",
         ]
+    lines += ["", "where the steady-round overhead per call goes (ms):"]
+    for r in rows:
+        if r["mode"] == "plain" or r["clients"] != base["clients"]:
+            continue
+        ov = (r["steady_round_s"] - base["steady_round_s"]) / per_round * 1000
+        sgd = (r["train_call_s"] - base["train_call_s"]) * 1000
+        lines.append(
+            f"- {r['mode']}: {ov:.0f} = local SGD slower in the actor {sgd:.0f}"
+            f" + messages, Ray calls and polling {ov - sgd:.0f}"
+        )
+    lines += ["", "start-up and shutdown (s, from the fastest run):"]
+    for r in rows:
+        lines.append(
+            f"- {r['mode']} ({r['clients']} clients): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
+        )
     lines += ["", "peak PSS by process (MB, at the sample where the total peaked):"]
     for r in rows:
         parts = sorted(r.get("peak_parts_mb", {}).items(), key=lambda kv: -kv[1])

@@ -44,13 +44,16 @@ def run(
     on_round=None,
 ) -> dict[str, Any]:
     """Sequential FedAvg; returns per-round server metrics and timings."""
+    t_entry = time.perf_counter()
     task = fedavg_task()
     cfg = task.parse_config(overrides)
     k = clients_per_round or num_partitions
     arrays = task.initial_arrays(cfg)
     evaluate = task.central_evaluator(cfg)
+    t_eval = time.perf_counter()
     history = {0: evaluate(0, arrays)}
-    times = []
+    setup = {"imports_s": t_eval - t_entry, "initial_eval_s": time.perf_counter() - t_eval}
+    times, train_times = [], []
     for rnd in range(1, cfg["num-server-rounds"] + 1):
         t0 = time.perf_counter()
         pids = (
@@ -58,10 +61,12 @@ def run(
             if k >= num_partitions
             else sample_partitions(cfg["seed"], rnd, num_partitions, k)
         )
-        updates = []
+        updates, train_s = [], []
         for pid in pids:
             rec, metrics = task.local_train(cfg, arrays, pid, num_partitions, rnd)
             updates.append((rec, int(metrics["num-examples"])))
+            train_s.append(metrics["train-time-s"])
+        train_times.append(sum(train_s) / len(train_s))
         arrays = weighted_mean(updates)
         history[rnd] = evaluate(rnd, arrays)
         # like the ServerApp's round time (common/server.py): training, aggregation and the
@@ -69,7 +74,13 @@ def run(
         times.append(time.perf_counter() - t0)
         if on_round:
             on_round(rnd, history[rnd], times[-1])
-    return {"history": history, "round_times": times, "arrays": arrays}
+    return {
+        "history": history,
+        "round_times": times,
+        "train_times": train_times,  # mean local-SGD wall time per client call, per round
+        **setup,
+        "arrays": arrays,
+    }
 
 
 def main() -> None:

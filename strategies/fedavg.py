@@ -245,7 +245,8 @@ class FedAvg(_FlowerFedAvg):
             rnd.setdefault("failure_reasons", []).extend(r[:300] for r in reasons)
         key = "num_train_replies" if is_train else "num_evaluate_replies"
         rnd[key] = len(good)
-        good.sort(key=_content_key)  # arrival order must not change the float sums
+        # arrival order must not change the float sums
+        good.sort(key=lambda m: _content_key(m, self.weighted_by_key))
         return good
 
     def aggregate_train(
@@ -316,8 +317,12 @@ def _error_summary(reason: str, width: int = 140) -> str:
     return head
 
 
-def _content_key(msg: Message) -> tuple:
-    """Order of a reply fixed by its content: digest of its arrays and metrics."""
+def _content_key(msg: Message, weight_key: str) -> tuple:
+    """Order of a reply fixed by what is averaged: digest of its arrays and its weight.
+
+    Other metrics stay out: a wall-time metric would make the order, and so the float sums,
+    differ from run to run.
+    """
     h = hashlib.sha1()
     for rec in msg.content.array_records.values():
         for k, a in rec.items():
@@ -325,5 +330,5 @@ def _content_key(msg: Message) -> tuple:
             h.update(a.data)
             h.update(len(a.data).to_bytes(8, "little"))
     for rec in msg.content.metric_records.values():
-        h.update(repr(sorted(rec.items())).encode())
+        h.update(repr(rec.get(weight_key)).encode())
     return (h.hexdigest(), msg.metadata.src_node_id)

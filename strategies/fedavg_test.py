@@ -29,6 +29,23 @@ def test_weighted_average_of_valid_replies():
     assert s.history[1]["num_train_replies"] == 2 and s.history[1]["num_rejected"] == 0
 
 
+def test_average_is_bitwise_independent_of_arrival_order_and_timing_metrics():
+    rng = np.random.default_rng(0)
+    ws = [
+        (rng.normal(size=(2, 2)) * 10.0 ** rng.integers(-3, 4)).astype(np.float32) for _ in range(6)
+    ]
+    results = []
+    for order, seconds in (([0, 1, 2, 3, 4, 5], 0.1), ([5, 3, 1, 0, 4, 2], 0.7)):
+        s = _configured()
+        replies = [
+            train_reply({"w": ws[i]}, 7 + i, node_id=i + 1, **{"train-time-s": seconds * (i + 1)})
+            for i in order
+        ]
+        arrays, _ = s.aggregate_train(1, replies)
+        results.append(arrays["w"].numpy())
+    assert results[0].tobytes() == results[1].tobytes()
+
+
 def test_bad_replies_are_rejected_and_never_averaged():
     s = _configured()
     nan = np.ones((2, 2), np.float32)

@@ -6,6 +6,7 @@ three train identically.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -138,6 +139,7 @@ def local_train(
     model = load_record(make_model(cfg, x.shape[1:], num_classes), arrays)
     gen = set_seed(derive_seed(cfg["seed"], partition_id, server_round))
     mu = cfg["proximal-mu"] if cfg["strategy"] == "fedprox" else 0.0
+    t0 = time.perf_counter()
     stats = train(
         model,
         x,
@@ -151,6 +153,7 @@ def local_train(
         generator=gen,
         device=get_device(cfg["device"]),
     )
+    stats["train-time-s"] = time.perf_counter() - t0  # wall time of the local SGD alone
     return to_record(model), {**stats, "num-examples": len(x)}
 
 
