@@ -19,10 +19,9 @@ and local steps) and each is started as a fresh process (cold start). Measured p
   between the processes that map them; what the machine really spends) and as RSS (shared pages
   counted once per process).
 
-Each mode runs twice: once for the times with nothing watching it, once for the memory. Reading
-``/proc/<pid>/smaps_rollup`` of every process costs about 30 ms of CPU per sample over a Ray
-process tree (3 ms for the single plain process), which on 2 cores slowed the Flower rounds by
-10-20% when time and memory came from the same run.
+Timed runs have nothing watching them; memory comes from one more run of each mode sampled
+every 0.1 s, because reading ``/proc/<pid>/smaps_rollup`` of every process of a Ray tree costs
+enough CPU to slow the rounds it is watching on 2 cores.
 
 Modes: ``plain`` (:mod:`flowerbed.simulation.plain`), ``inprocess`` (ServerApp thread + Ray
 actors, :func:`flowerbed.simulation.inprocess.run_app`), ``flwr`` (the real ``flwr run`` CLI
