@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import math
 import os
 import sys
 import time
@@ -152,7 +153,12 @@ def run_app(
     t0 = time.perf_counter()
     if not ray_address:
         cpus = len(os.sched_getaffinity(0))  # what Ray detects on this node
-        start_local_ray(path, backend["init_args"], max(1, int(cpus // max(num_cpus, 1e-9))))
+        start_local_ray(
+            path,
+            backend["init_args"],
+            num_actors=max(1, int(cpus // max(num_cpus, 1e-9))),
+            threads_per_actor=max(1, math.floor(num_cpus)),
+        )
     t1 = time.perf_counter()
     server_app, client_app = load_components(path)
     t2 = time.perf_counter()
@@ -189,7 +195,9 @@ def run_app(
     return config
 
 
-def start_local_ray(path: Path, init_args: dict[str, Any], num_actors: int) -> None:
+def start_local_ray(
+    path: Path, init_args: dict[str, Any], num_actors: int, threads_per_actor: int
+) -> None:
     """Start the local Ray node before the app is imported here, with the ClientApp preloaded.
 
     Flower's backend starts Ray only when it is not running yet, after the ServerApp's imports,
@@ -198,6 +206,11 @@ def start_local_ray(path: Path, init_args: dict[str, Any], num_actors: int) -> N
     ClientApp (torch, ...) when the first message arrives. Here the folder goes on the workers'
     ``PYTHONPATH`` instead, and Ray's ``preload_python_modules`` makes the prestarted workers
     import the ClientApp module while this process is still importing the ServerApp.
+
+    A preloaded torch fixes its thread pool before Ray assigns the actor and sets
+    ``OMP_NUM_THREADS`` to the actor's CPUs, so the workers get that value (``threads_per_actor``,
+    Ray's rule: ``max(floor(num_cpus), 1)``) from the start, unless the user set it; this
+    process keeps its own setting.
     """
     import ray
 
@@ -211,8 +224,15 @@ def start_local_ray(path: Path, init_args: dict[str, Any], num_actors: int) -> N
         # prestart (and keep idle) only as many workers as the pool will have actors
         "num_workers_soft_limit": num_actors,
     }
-    with _without_autoscaler_monitor():
-        ray.init(**init_args, _system_config=system_config)
+    user_threads = os.environ.get("OMP_NUM_THREADS")
+    if user_threads is None:
+        os.environ["OMP_NUM_THREADS"] = str(threads_per_actor)  # inherited by Ray's workers
+    try:
+        with _without_autoscaler_monitor():
+            ray.init(**init_args, _system_config=system_config)
+    finally:
+        if user_threads is None:
+            del os.environ["OMP_NUM_THREADS"]
 
 
 @contextlib.contextmanager
