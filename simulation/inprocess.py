@@ -240,8 +240,8 @@ def _without_autoscaler_monitor():
     """Skip Ray's autoscaler monitor while a local single-node Ray starts.
 
     A simulation on one machine never autoscales, yet ``ray.init`` starts the monitor anyway
-    (``ray start`` has ``--no-monitor``, ``ray.init`` has no such switch): ~50 MB, ~0.5 s of CPU
-    at start-up, and ``ray.shutdown`` waits its full 1 s grace period for it to exit. Ray's
+    (``ray start`` has ``--no-monitor``, ``ray.init`` has no such switch): one more Python
+    process importing Ray (~50 MB), and ``ray.shutdown`` waits its 1 s grace period for it. Ray's
     node-start hook (a private method) is replaced for the duration of ``ray.init`` only; if
     Ray no longer has it, nothing changes.
     """
