@@ -11,11 +11,12 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from flowerbed.simulation.flwr_cli import _toml, free_port, wait_port
 
 BIN = Path(sys.executable).parent
 
@@ -306,7 +307,6 @@ class Deployment:
 
     def run(self, app: str, run_config: dict | None = None, timeout: float = 900):
         """``flwr run <app> deploy --stream``; returns the CompletedProcess."""
-        from flowerbed.simulation.flwr_cli import _toml
         from flowerbed.simulation.inprocess import app_dir
 
         path = app_dir(app)
@@ -336,24 +336,6 @@ class Deployment:
         for log in self.logs:
             log.close()
         self.logs = []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args[0]} exited with code {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"port {port} not open after {timeout}s")
 
 
 def main(argv: list[str] | None = None) -> int:

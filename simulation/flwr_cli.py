@@ -29,16 +29,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Wait until ``proc`` listens on loopback ``port``; clear error if it exits or times out."""
+    name = Path(str(proc.args[0])).name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode}")
+            raise RuntimeError(f"{name} exited with code {proc.returncode}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.2)
-    raise TimeoutError(f"flower-superlink did not open port {port} in {timeout}s")
+    raise TimeoutError(f"{name} did not open port {port} in {timeout}s")
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
@@ -109,7 +111,7 @@ def simulation_superlink(num_supernodes: int = 2, num_cpus: float = 1, num_gpus:
         cwd=home,
     )
     try:
-        _wait_port(http, proc)
+        wait_port(http, proc)
         yield env, home
     finally:
         stop_group(proc)
