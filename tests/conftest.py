@@ -13,6 +13,16 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+# a FedAvg run small enough for a test: sklearn's digits, an MLP, 5 local steps per client
+TINY_FEDAVG = {
+    "dataset": "digits",
+    "model": "mlp",
+    "partitioner": "iid",
+    "local-steps": 5,
+    "batch-size": 32,
+}
+
+
 def app_path(name: str) -> Path:
     """Put ``apps/<name>`` on sys.path (as Flower does when it loads the app) and return it."""
     path = REPO / "apps" / name

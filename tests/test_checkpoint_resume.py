@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_FEDAVG
 from flwr.app import Array, ArrayRecord
 
 from flowerbed.common.checkpoint import (
@@ -26,11 +27,7 @@ from flowerbed.strategies.fedavg import FedAvg
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {
-    "dataset": "digits",
-    "model": "mlp",
-    "partitioner": "iid",
-    "local-steps": 5,
-    "batch-size": 32,
+    **TINY_FEDAVG,
     "fraction-train": 0.75,  # seeded sampling: the sampled clients depend on (seed, round)
     "checkpoint": True,
 }

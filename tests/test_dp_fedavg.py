@@ -77,18 +77,14 @@ def test_epsilon_per_round_matches_hand_computed_rdp():
 
 
 def test_dp_run_reports_epsilon_per_round(tmp_path):
-    from conftest import app_path
+    from conftest import TINY_FEDAVG, app_path
 
     from flowerbed.simulation.inprocess import run_app
 
     app_path("fedavg")
     out = tmp_path / "dp"
     cfg = {
-        "dataset": "digits",
-        "model": "mlp",
-        "partitioner": "iid",
-        "local-steps": 5,
-        "batch-size": 32,
+        **TINY_FEDAVG,
         "num-server-rounds": 2,
         "dp-noise-multiplier": 0.8,
         "dp-clipping-norm": 0.5,

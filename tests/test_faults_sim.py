@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from conftest import app_path
+from conftest import TINY_FEDAVG, app_path
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common import faults
@@ -21,13 +21,7 @@ from flowerbed.common.testing import mock_reply
 app_path("fedavg")
 from fedavg import client_app, task  # noqa: E402
 
-TINY = {
-    "dataset": "digits",
-    "model": "mlp",
-    "partitioner": "iid",
-    "local-steps": 5,
-    "batch-size": 32,
-}
+TINY = TINY_FEDAVG
 
 
 def test_fault_schedule_is_a_function_of_seed_partition_round():

@@ -10,18 +10,12 @@ lived on two node ids shows that clients were spread over the cluster.
 import json
 
 import pytest
+from conftest import TINY_FEDAVG
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-TINY = {
-    "num-server-rounds": 2,
-    "local-steps": 5,
-    "batch-size": 32,
-    "dataset": "digits",
-    "model": "mlp",
-    "partitioner": "iid",
-}
+TINY = {**TINY_FEDAVG, "num-server-rounds": 2}
 
 
 def _actor_nodes() -> dict[str, list[str]]:

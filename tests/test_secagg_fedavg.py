@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import app_path
+from conftest import TINY_FEDAVG, app_path
 
 from flowerbed.common.config import ConfigError
 
@@ -26,15 +26,7 @@ app_path("fedavg")
 from fedavg import secagg, task  # noqa: E402
 
 K = 3
-CFG = {
-    "num-server-rounds": 1,
-    "local-steps": 5,
-    "batch-size": 32,
-    "lr": 0.1,
-    "dataset": "digits",
-    "model": "mlp",
-    "partitioner": "iid",
-}
+CFG = {**TINY_FEDAVG, "num-server-rounds": 1, "lr": 0.1}
 
 
 def _client_updates(cfg):
