@@ -73,11 +73,10 @@ def child(mode: str, clients: int, per_round: int, rounds: int, out: str) -> Non
 
         t_run = time.time()
         r = run(ov, clients, per_round)
-        r["t_entry"] = t_run
         times, train = r["round_times"], r["train_times"]
         acc = r["history"][rounds]["accuracy"]
         phases = {
-            "imports": r["imports_s"] + r["t_entry"] - t_start,
+            "imports": t_run - t_start + r["imports_s"],
             "initial evaluation": r["initial_eval_s"],
         }
     else:
@@ -177,13 +176,13 @@ def measure(
             peak[1] = max(peak[1], rss)
             done.wait(0.1)
 
-    th = threading.Thread(target=sample, daemon=True)
-    if memory:
+    th = threading.Thread(target=sample, daemon=True) if memory else None
+    if th:
         th.start()
     _, err = proc.communicate()
     e2e = time.perf_counter() - t0
     done.set()
-    if memory:
+    if th:
         th.join()
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} with {clients} clients failed:\n{err.decode()[-3000:]}")
