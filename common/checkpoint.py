@@ -1,7 +1,8 @@
 """Checkpoint and resume for ServerApps: the global model and the strategy's state per round.
 
-:class:`Checkpointed` wraps any Message-API strategy. Its ``start`` runs the same loop as
-:meth:`flwr.serverapp.strategy.Strategy.start`, and after every completed round (training,
+:class:`Checkpointed` wraps any Message-API strategy. Its ``start`` runs
+:func:`flowerbed.common.protocol.round_loop` (the loop of every flowerbed strategy, phased ones
+included), and after every completed round (training,
 federated evaluation, server-side evaluation) writes ``<dir>/checkpoint.npz`` atomically (temp
 file + ``os.replace``: a reader sees the previous or the new checkpoint, never half of one).
 The file holds the global arrays (dtype and shape kept, so resuming is bitwise exact), the round,
@@ -31,6 +32,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
+
+from flowerbed.common.protocol import round_loop
 
 FILENAME = "checkpoint.npz"
 _STATE = "__state__"
@@ -191,10 +194,13 @@ class Checkpointed(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        after_round: Callable[[int, ArrayRecord, Result], None] | None = None,
     ) -> Result:
-        """Flower's ``Strategy.start`` loop with a checkpoint per round (and resume)."""
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        """:func:`~flowerbed.common.protocol.round_loop` with a checkpoint per round (and resume).
+
+        ``evaluate_fn`` and ``after_round`` are called as in the loop; on resume the rounds up to
+        the checkpoint are not run again and ``evaluate_fn(0)`` is not repeated.
+        """
         result = Result()
         arrays = initial_arrays
         first = 1
@@ -207,35 +213,26 @@ class Checkpointed(Strategy):
             _log.warning("resuming from %s: round %d completed", self.path, done)
             if self.on_resume:
                 self.on_resume(done)
-        else:
-            self.strategy.summary()
-            if evaluate_fn:
-                res = evaluate_fn(0, initial_arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[0] = res
+
+        def save(rnd: int, arrays: ArrayRecord, result: Result) -> None:
+            if after_round is not None:
+                after_round(rnd, arrays, result)
+            if rnd > 0:
+                save_checkpoint(self.path, rnd, arrays, self._state(result))
+
         t0 = time.time()
-        for rnd in range(first, num_rounds + 1):
-            replies = grid.send_and_receive(
-                messages=self.configure_train(rnd, arrays, train_config, grid), timeout=timeout
-            )
-            agg_arrays, agg_metrics = self.aggregate_train(rnd, replies)
-            if agg_arrays is not None:
-                result.arrays = arrays = agg_arrays
-            if agg_metrics is not None:
-                result.train_metrics_clientapp[rnd] = agg_metrics
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(rnd, arrays, evaluate_config, grid),
-                timeout=timeout,
-            )
-            agg_eval = self.aggregate_evaluate(rnd, replies)
-            if agg_eval is not None:
-                result.evaluate_metrics_clientapp[rnd] = agg_eval
-            if evaluate_fn:
-                res = evaluate_fn(rnd, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
-            save_checkpoint(self.path, rnd, arrays, self._state(result))
-        if result.arrays is None or len(result.arrays) == 0:
-            result.arrays = arrays
+        result = round_loop(
+            self.strategy,
+            grid,
+            arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            evaluate_fn,
+            first_round=first,
+            result=result,
+            after_round=save,
+        )
         _log.info("rounds %d..%d finished in %.2f s", first, num_rounds, time.time() - t0)
         return result

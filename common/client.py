@@ -1,11 +1,12 @@
-"""ClientApp-side helpers: partition identity, local data, per-call seeds."""
+"""ClientApp-side helpers: partition identity, local data, per-call seeds, and the shared local
+SGD step of the FedAvg-shaped baselines (FedAvg, FedProx, local-only)."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flowerbed.common.data import load_dataset
@@ -14,6 +15,10 @@ from flowerbed.common.seeding import derive_seed
 
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+#: train-config key of :class:`flowerbed.strategies.baselines.LocalOnly`: continue from this
+#: client's own model (kept in ``context.state``) instead of the global one
+LOCAL_ONLY = "local-only"
+LOCAL_MODEL = "local-model"
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -77,3 +82,98 @@ def add_partition_query(app: ClientApp) -> None:
         pid, n = partition_of(context)
         content = RecordDict({"metrics": MetricRecord({PARTITION_ID: pid, NUM_PARTITIONS: n})})
         return Message(content=content, reply_to=msg)
+
+
+def local_sgd(
+    model: torch.nn.Module,
+    arrays: ArrayRecord,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    proximal_mu: float = 0.0,
+    device: str = "auto",
+    **train_kwargs,
+) -> tuple[ArrayRecord, dict[str, float]]:
+    """Local SGD from ``arrays`` on ``(x, y)`` with the generator seeded by ``seed``.
+
+    Returns the new arrays and the metrics (training loss and accuracy, ``train-time-s``: the
+    wall time of the SGD alone, ``num-examples``). Used by :func:`sgd_step` and by the
+    benchmark's plain loop, so both train identically.
+    """
+    import time
+
+    from flowerbed.common.records import load_record, to_record
+    from flowerbed.common.seeding import set_seed
+    from flowerbed.common.train import get_device, train
+
+    load_record(model, arrays)
+    gen = set_seed(seed)
+    t0 = time.perf_counter()
+    stats = train(
+        model,
+        x,
+        y,
+        proximal_mu=proximal_mu,
+        generator=gen,
+        device=get_device(device),
+        **train_kwargs,
+    )
+    stats["train-time-s"] = time.perf_counter() - t0
+    return to_record(model), {**stats, "num-examples": len(x)}
+
+
+def sgd_step(
+    msg: Message,
+    context: Context,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    run_seed: int,
+    device: str = "auto",
+    **train_kwargs,
+) -> Message:
+    """The client step of FedAvg, FedProx and local-only, for every app: local SGD from the
+    received model (:func:`local_sgd`), the reply carrying the new arrays and the metrics.
+
+    - seeded by (run seed, partition id, server round) (:func:`call_seed`);
+    - FedProx: the proximal weight is the ``proximal-mu`` the server put in the train config
+      (Flower's FedProx strategy sends it; absent means 0);
+    - local-only (``local-only`` in the config): starts from this node's own model kept in
+      ``context.state`` (the received one in the first round) and keeps the result there.
+
+    Parameters
+    ----------
+    msg, context : Message, Context
+        The ClientApp call.
+    model : torch.nn.Module
+        The model (any weights: the received arrays are loaded into it).
+    x, y : torch.Tensor
+        This node's training data.
+    run_seed : int
+        The run config's ``seed``.
+    device : str, default "auto"
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    **train_kwargs
+        Passed to :func:`flowerbed.common.train.train` (``epochs``, ``batch_size``, ``lr``,
+        ``momentum``, ``max_steps``...).
+    """
+    from flowerbed.common.records import config_get, reply
+
+    conf = msg.content.config_records.get("config")
+    local = bool(config_get(conf, LOCAL_ONLY, False))
+    start = msg.content["arrays"]
+    if local and LOCAL_MODEL in context.state.array_records:
+        start = context.state[LOCAL_MODEL]
+    arrays, metrics = local_sgd(
+        model,
+        start,
+        x,
+        y,
+        call_seed(context, msg, run_seed),
+        proximal_mu=float(config_get(conf, "proximal-mu", 0.0)),
+        device=device,
+        **train_kwargs,
+    )
+    if local:
+        context.state[LOCAL_MODEL] = arrays
+    return Message(content=reply(arrays, **metrics), reply_to=msg)

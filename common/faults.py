@@ -23,9 +23,9 @@ import os
 import random
 import time
 
+from flowerbed.common.config import FAULT_MODES as MODES
 from flowerbed.common.seeding import derive_seed
 
-MODES = ("none", "raise", "hang", "exit", "mixed")
 _CONCRETE = ("raise", "hang", "exit")
 EXIT_CODE = 17
 _SALT = 0xFA17

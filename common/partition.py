@@ -1,16 +1,22 @@
-"""Partitioning of local arrays with flwr-datasets' partitioners.
+"""Partitioning of local arrays with flwr-datasets' partitioners, behind an open registry.
 
-The partitioners operate on a tiny Hugging Face ``Dataset`` holding only the labels and the row
-index, so the arrays themselves are never copied: a partition is an index array into the
-:class:`~flowerbed.common.data.DataBundle`'s train split.
+The partitioners operate on a tiny Hugging Face ``Dataset`` holding only the labels (column
+``label``) and the row index (column ``idx``), so the arrays themselves are never copied: a
+partition is an index array into the :class:`~flowerbed.common.data.DataBundle`'s train split.
 
-Schemes (``scheme`` argument of :func:`partition_indices`):
+Any :class:`flwr_datasets.partitioner.Partitioner` subclass can be registered under a name with
+:func:`register_partitioner` (an app registers its own, e.g. FedDistr's disentangled splits); the
+run-config key ``partitioner`` takes any registered name. Built in:
 
 ``iid``            :class:`flwr_datasets.partitioner.IidPartitioner`
 ``dirichlet``      :class:`flwr_datasets.partitioner.DirichletPartitioner` (``alpha``)
 ``pathological``   :class:`flwr_datasets.partitioner.PathologicalPartitioner`
                    (``classes_per_partition``)
 ``shard``          :class:`flwr_datasets.partitioner.ShardPartitioner` (``shards_per_partition``)
+
+A factory gets ``(num_partitions, seed, **options)`` (every option the caller passed: ``alpha``,
+``classes_per_partition``, an app's own) and returns a partitioner; it ignores the options it
+does not use.
 """
 
 from __future__ import annotations
@@ -18,44 +24,83 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from flowerbed.common.data import DataError, cache_dir
 
-SCHEMES = ("iid", "dirichlet", "pathological", "shard")
+PartitionerFactory = Callable[..., "object"]
+_REGISTRY: dict[str, PartitionerFactory] = {}
 
 
-def _make_partitioner(scheme: str, num_partitions: int, seed: int, **kw):
-    from flwr_datasets import partitioner as P
+def register_partitioner(name: str, factory: PartitionerFactory | None = None):
+    """Register ``factory(num_partitions, seed, **options) -> Partitioner`` under ``name``.
 
-    if scheme == "iid":
-        return P.IidPartitioner(num_partitions=num_partitions)
-    if scheme == "dirichlet":
-        return P.DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=float(kw.get("alpha", 0.5)),
-            min_partition_size=int(kw.get("min_partition_size", 10)),
-            self_balancing=bool(kw.get("self_balancing", False)),
-            seed=seed,
-        )
-    if scheme == "pathological":
-        return P.PathologicalPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_classes_per_partition=int(kw.get("classes_per_partition", 2)),
-            seed=seed,
-        )
-    if scheme == "shard":
-        return P.ShardPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_shards_per_partition=int(kw.get("shards_per_partition", 2)),
-            seed=seed,
-        )
-    raise DataError(f"unknown partition scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    Usable as a decorator (``@register_partitioner("disentangled")``) or a call. Registering
+    the same name again with another factory is an error (two apps must not disagree on a name).
+    """
+
+    def add(f: PartitionerFactory) -> PartitionerFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not f:
+            old = _REGISTRY[name]
+            if (old.__module__, old.__qualname__) != (f.__module__, f.__qualname__):
+                raise ValueError(f"partitioner {name!r} is already registered by {old.__module__}")
+        _REGISTRY[name] = f
+        return f
+
+    return add if factory is None else add(factory)
+
+
+def partitioners() -> tuple[str, ...]:
+    """The registered partitioner names."""
+    return tuple(sorted(_REGISTRY))
+
+
+@register_partitioner("iid")
+def _iid(num_partitions: int, seed: int, **_):
+    from flwr_datasets.partitioner import IidPartitioner
+
+    return IidPartitioner(num_partitions=num_partitions)
+
+
+@register_partitioner("dirichlet")
+def _dirichlet(num_partitions: int, seed: int, **kw):
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    return DirichletPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        alpha=float(kw.get("alpha", 0.5)),
+        min_partition_size=int(kw.get("min_partition_size", 10)),
+        self_balancing=bool(kw.get("self_balancing", False)),
+        seed=seed,
+    )
+
+
+@register_partitioner("pathological")
+def _pathological(num_partitions: int, seed: int, **kw):
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    return PathologicalPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        num_classes_per_partition=int(kw.get("classes_per_partition", 2)),
+        seed=seed,
+    )
+
+
+@register_partitioner("shard")
+def _shard(num_partitions: int, seed: int, **kw):
+    from flwr_datasets.partitioner import ShardPartitioner
+
+    return ShardPartitioner(
+        num_partitions=num_partitions,
+        partition_by="label",
+        num_shards_per_partition=int(kw.get("shards_per_partition", 2)),
+        seed=seed,
+    )
 
 
 def partition_indices(
@@ -74,12 +119,13 @@ def partition_indices(
     num_partitions : int
         Number of partitions (clients); must be in ``[1, n]``.
     scheme : str, default "iid"
-        One of :data:`SCHEMES`.
+        A registered partitioner name (:func:`partitioners`).
     seed : int, default 42
         Seed of the partitioner (the partition is a function of the seed only).
     **kwargs
-        Scheme options: ``alpha`` (0.5), ``min_partition_size`` (10), ``self_balancing``
-        (False), ``classes_per_partition`` (2), ``shards_per_partition`` (2).
+        Options passed to the partitioner's factory: ``alpha`` (0.5), ``min_partition_size``
+        (10), ``self_balancing`` (False), ``classes_per_partition`` (2), ``shards_per_partition``
+        (2), or a registered partitioner's own.
 
     Raises
     ------
@@ -93,8 +139,8 @@ def partition_indices(
         raise DataError(f"num_partitions must be a positive integer, got {num_partitions!r}")
     if num_partitions > n:
         raise DataError(f"num_partitions={num_partitions} is larger than the data ({n} samples)")
-    if scheme not in SCHEMES:
-        raise DataError(f"unknown partition scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    if scheme not in _REGISTRY:
+        raise DataError(f"unknown partitioner {scheme!r}; known: {', '.join(partitioners())}")
     min_size = int(kwargs.get("min_partition_size", 10)) if scheme == "dirichlet" else 1
     if num_partitions * min_size > n:
         raise DataError(
@@ -130,7 +176,7 @@ def _compute(labels, num_partitions, scheme, seed, kwargs) -> list[np.ndarray]:
     from datasets import Dataset
 
     ds = Dataset.from_dict({"label": labels.astype(np.int64), "idx": np.arange(len(labels))})
-    part = _make_partitioner(scheme, num_partitions, seed, **kwargs)
+    part = _REGISTRY[scheme](num_partitions, seed, **kwargs)
     part.dataset = ds
     out = []
     try:

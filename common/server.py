@@ -1,11 +1,12 @@
-"""ServerApp-side helpers: output folders, centralized evaluation, running a strategy with a
-results file and per-round progress."""
+"""ServerApp-side helpers: output folders and running a strategy with a results file and
+per-round progress."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from flowerbed.common.data import REPO_ROOT
+from flowerbed.common.protocol import protocol_grid, round_loop
 from flowerbed.common.results import ResultsWriter
 
 INFO = 20
@@ -50,31 +52,42 @@ def run_strategy(
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     timeout: float = 3600,
 ) -> Result:
-    """``strategy.start(...)`` that writes ``results.json`` after every round and logs progress.
+    """Run ``strategy`` on the protocol layer, writing ``results.json`` after every round.
 
-    Per round the file gets: the server-side evaluation metrics, the strategy's ``history`` row
-    (bytes sent/received, failures) when it has one, and the round's wall time. Client-side
-    train/evaluate metrics are merged in at the end.
+    Works for every strategy: Flower's and flowerbed's one-exchange strategies, phased ones
+    (:class:`~flowerbed.common.protocol.PhasedStrategy`) and a
+    :class:`~flowerbed.common.checkpoint.Checkpointed` wrapper around either. Per round the file
+    gets the round's wall time, the protocol's row (bytes sent / received, per phase: messages,
+    replies, failures with reasons, bytes, seconds), the strategy's ``history`` row when it has
+    one (rejections, method-specific values), the server-side evaluation (``server_*``) and the
+    aggregated client metrics (``train_*``, ``client_*``); ``totals`` holds the run's bytes.
     """
-    t_last = [time.perf_counter()]
-    # Flower's in-memory Grid (simulation) polls for replies every 0.1 s; with rounds of a few
-    # seconds that is a visible share of the round. Poll every 10 ms instead.
-    if hasattr(grid, "pull_interval"):
-        grid.pull_interval = min(grid.pull_interval, 0.01)
+    from flowerbed.common.checkpoint import Checkpointed
 
-    def _eval(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        res = evaluate_fn(server_round, arrays) if evaluate_fn else None
+    pgrid = protocol_grid(grid, timeout)
+    protocol = pgrid.protocol
+    t_last = [time.perf_counter()]
+
+    def after_round(server_round: int, arrays: ArrayRecord, result: Result) -> None:
         now = time.perf_counter()
         row: dict[str, Any] = {"round_time_s": round(now - t_last[0], 4)}
         t_last[0] = now
+        if server_round in protocol.rounds:
+            row.update(protocol.rounds[server_round])
         history = getattr(strategy, "history", {})
         if server_round in history:
             row.update(history[server_round])
-        if res is not None:
-            row.update({f"server_{k}": v for k, v in res.items()})
+        for prefix, metrics in (
+            ("server_", result.evaluate_metrics_serverapp),
+            ("train_", result.train_metrics_clientapp),
+            ("client_", result.evaluate_metrics_clientapp),
+        ):
+            row.update({f"{prefix}{k}": v for k, v in metrics.get(server_round, {}).items()})
         writer.add_round(server_round, **row)
         shown = ", ".join(
-            f"{k}={v:.4f}" for k, v in (res or {}).items() if isinstance(v, int | float)
+            f"{k}={v:.4f}"
+            for k, v in result.evaluate_metrics_serverapp.get(server_round, {}).items()
+            if isinstance(v, int | float)
         )
         log(
             INFO,
@@ -84,28 +97,84 @@ def run_strategy(
             shown,
             row["round_time_s"],
         )
-        return res
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial_arrays,
-        num_rounds=num_rounds,
-        timeout=timeout,
-        train_config=train_config,
-        evaluate_config=evaluate_config,
-        evaluate_fn=_eval,
-    )
-    for rnd, m in result.train_metrics_clientapp.items():
-        writer.add_round(rnd, **{f"train_{k}": v for k, v in m.items()})
-    for rnd, m in result.evaluate_metrics_clientapp.items():
-        writer.add_round(rnd, **{f"client_{k}": v for k, v in m.items()})
-    history = getattr(strategy, "history", {})
-    for rnd, row in history.items():  # rounds whose evaluation was skipped
-        writer.add_round(rnd, **row)
-    totals = {
-        "bytes_sent": sum(r.get("bytes_sent", 0) for r in history.values()),
-        "bytes_received": sum(r.get("bytes_received", 0) for r in history.values()),
-    }
-    writer.set("totals", totals)
+    args = (initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+    if isinstance(strategy, Checkpointed):
+        result = strategy.start(pgrid, *args, after_round=after_round)
+    else:
+        result = round_loop(strategy, pgrid, *args, after_round=after_round)
+    writer.set("totals", protocol.totals())
     writer.write(final=True)
     return result
+
+
+def with_options(strategy: Strategy, cfg: Mapping[str, Any], writer: ResultsWriter, num_nodes: int):
+    """``strategy`` with the shared run-config options applied, in this order:
+
+    - central DP (``dp-noise-multiplier`` > 0, apps that declare it):
+      :class:`~flowerbed.strategies.dpfedavg.DPFedAvg` around it, calibrated on the number of
+      clients sampled per round;
+    - checkpoint / resume (``checkpoint``, ``resume``):
+      :class:`~flowerbed.common.checkpoint.Checkpointed` around that, writing into the run's
+      folder; on resume the rows of ``results.json`` up to the checkpoint are kept.
+    """
+    if cfg.get("dp-noise-multiplier", 0.0) > 0:
+        from flowerbed.strategies.dpfedavg import DPFedAvg
+
+        fraction = float(cfg.get("fraction-train", 1.0))
+        sampled = min(max(int(num_nodes * fraction), 1), num_nodes)
+        strategy = DPFedAvg(
+            strategy,
+            noise_multiplier=cfg["dp-noise-multiplier"],
+            clipping_norm=cfg["dp-clipping-norm"],
+            num_sampled_clients=sampled,
+            population_size=num_nodes,
+            delta=cfg["dp-delta"],
+        )
+    if cfg.get("checkpoint") or cfg.get("resume"):
+        from flowerbed.common.checkpoint import Checkpointed
+
+        previous = []
+        if cfg.get("resume") and writer.path.exists():
+            previous = json.loads(writer.path.read_text()).get("rounds", [])
+
+        def on_resume(done: int) -> None:
+            writer.record["rounds"] = [r for r in previous if r["round"] <= done]
+            writer.set("resumed_from_round", done)
+
+        strategy = Checkpointed(strategy, writer.out_dir, resume=cfg["resume"], on_resume=on_resume)
+    return strategy
+
+
+def finish(
+    writer: ResultsWriter,
+    final: Mapping[str, Any],
+    label: str,
+    headline: str,
+    strategy: Strategy | None = None,
+) -> Path:
+    """Write ``final`` (the metrics the runner's tables read) and print the run's last line.
+
+    With ``strategy``: the DP epsilon (when a strategy of the chain reports one) goes into
+    ``final`` and the failed calls (errors, timeouts, rejections) into ``totals``.
+    """
+    final = dict(final)
+    if strategy is not None:
+        from flowerbed.common.checkpoint import strategy_chain
+
+        for s in strategy_chain(strategy):
+            if hasattr(s, "epsilon"):
+                final["dp_epsilon"] = s.epsilon()
+                break
+        history = getattr(strategy, "history", {})
+        totals = writer.record["extra"].get("totals", {})
+        totals["num_failed_calls"] = sum(
+            r.get("num_failures", 0) + r.get("num_timeouts", 0) + r.get("num_rejected", 0)
+            for r in history.values()
+        )
+        writer.set("totals", totals)
+    writer.set("final", final)
+    path = writer.write(final=True)
+    value = final.get(headline, float("nan"))
+    print(f"[flowerbed] {label}: final {headline} {value:.4f} -> {path}", flush=True)
+    return path

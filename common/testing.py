@@ -1,10 +1,24 @@
-"""Test helpers: mock reply Messages for strategy unit tests (no Ray, no network)."""
+"""Test helpers and the project's pytest plugin.
+
+- mock reply Messages and a fake Grid for strategy unit tests (no Ray, no network);
+- :func:`app_path` (put ``apps/<name>`` on ``sys.path``, as Flower does when it loads an app);
+- :data:`TINY_FEDAVG`, a FedAvg run config small enough for a test;
+- the autouse fixture that sends every run's outputs into the test's temporary folder.
+
+pytest loads this module as a plugin (``-p flowerbed.common.testing`` in ``pyproject.toml``), so
+the library's tests (``tests/``), the strategies' (``strategies/*_test.py``) and every app's
+(``apps/<name>/tests/``) share it without a conftest of their own.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -70,3 +84,33 @@ class FakeGrid:
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+
+# ---------------------------------------------------------------------------- pytest plugin
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+#: a FedAvg run small enough for a test: sklearn's digits, an MLP, 5 local steps per client
+TINY_FEDAVG = {
+    "dataset": "digits",
+    "model": "mlp",
+    "partitioner": "iid",
+    "local-steps": 5,
+    "batch-size": 32,
+}
+
+
+def app_path(name: str) -> Path:
+    """Put ``apps/<name>`` on sys.path (as Flower does when it loads the app) and return it."""
+    path = REPO / "apps" / name
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _outputs(tmp_path, monkeypatch):
+    """Runs started by a test write their results under the test's tmp folder."""
+    monkeypatch.setenv("FLOWERBED_OUTPUTS", str(tmp_path / "outputs"))
+    yield

@@ -13,7 +13,8 @@ AISTATS 2017 (arXiv:1602.05629). The averaging is Flower's own
   without an error reply) are counted as ``num_timeouts``;
 - valid replies are averaged in an order fixed by their content (not by arrival order), so a
   run is bitwise reproducible whatever order the clients finish in;
-- bytes sent and received are counted per round;
+- bytes sent and received are counted by the protocol layer that runs every strategy
+  (:mod:`flowerbed.common.protocol`), with one definition for all apps;
 - with ``sample_seed`` set, the clients of each round are a function of (seed, round) over the
   partition ids, not of node ids or Ray's scheduling (see
   :func:`flowerbed.common.seeding.sample_partitions`).
@@ -26,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -37,7 +37,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as _FlowerFedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from flowerbed.common.records import check_arrays, content_nbytes
+from flowerbed.common.protocol import error_summary
+from flowerbed.common.records import check_arrays
 from flowerbed.common.seeding import sample_partitions
 
 PARTITION_ID = "partition-id"
@@ -126,7 +127,7 @@ class FedAvg(_FlowerFedAvg):
     def _round(self, server_round: int) -> dict:
         return self.history.setdefault(
             server_round,
-            {"bytes_sent": 0, "bytes_received": 0, "num_failures": 0, "num_rejected": 0},
+            {"num_failures": 0, "num_rejected": 0},
         )
 
     def _partition_map(self, grid: Grid, node_ids: list[int]) -> dict[int, int]:
@@ -163,11 +164,6 @@ class FedAvg(_FlowerFedAvg):
         chosen = [by_pid[p] for p in pids if p in by_pid]
         return chosen or random.sample(node_ids, k)
 
-    def _messages(self, record: RecordDict, node_ids: list[int], kind: str, server_round: int):
-        rnd = self._round(server_round)
-        rnd["bytes_sent"] += content_nbytes(record) * len(node_ids)
-        return self._construct_messages(record, node_ids, kind)
-
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -181,7 +177,7 @@ class FedAvg(_FlowerFedAvg):
         config["server-round"] = server_round
         self._round(server_round)["num_sampled"] = len(node_ids)
         record = self.message_record(arrays, config)
-        return self._messages(record, node_ids, MessageType.TRAIN, server_round)
+        return self._construct_messages(record, node_ids, MessageType.TRAIN)
 
     def message_record(self, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
         """Content of the train and evaluate messages (override to send more than the model)."""
@@ -224,10 +220,9 @@ class FedAvg(_FlowerFedAvg):
             if msg.has_error():
                 rnd["num_failures"] += 1
                 reasons.append(
-                    f"node {msg.metadata.src_node_id}: error {_error_summary(msg.error.reason)}"
+                    f"node {msg.metadata.src_node_id}: error {error_summary(msg.error.reason)}"
                 )
                 continue
-            rnd["bytes_received"] += content_nbytes(msg.content)
             why = self.check_reply(msg, is_train)
             if why is not None:
                 rnd["num_rejected"] += 1
@@ -291,7 +286,7 @@ class FedAvg(_FlowerFedAvg):
         node_ids = self._sample(grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes)
         config["server-round"] = server_round
         record = self.message_record(arrays, config)
-        return self._messages(record, node_ids, MessageType.EVALUATE, server_round)
+        return self._construct_messages(record, node_ids, MessageType.EVALUATE)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -301,20 +296,6 @@ class FedAvg(_FlowerFedAvg):
         if not good:
             return None
         return self.evaluate_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
-
-
-_ROOT_CAUSE = re.compile(r"^\s*([\w.]+(?:Error|Exception|Fault|Exit): \S.*)$")
-
-
-def _error_summary(reason: str, width: int = 140) -> str:
-    """Short error text: the innermost ``SomeError: message`` line of a traceback (the root cause
-    of a wrapped Ray/ClientApp error) followed by the start of the full reason."""
-    reason = str(reason)
-    causes = [m.group(1) for ln in reason.splitlines() if (m := _ROOT_CAUSE.match(ln))]
-    head = reason[:width].replace("\n", " ")
-    if causes and causes[-1][:40] not in head:
-        return f"{causes[-1][:width]} [{head}]"
-    return head
 
 
 def _content_key(msg: Message, weight_key: str) -> tuple:

@@ -46,9 +46,9 @@ from flwr.app import (
 from flwr.common import log
 from flwr.serverapp import Grid
 
+from flowerbed.common.models import prompted_features
 from flowerbed.common.records import check_arrays
 from flowerbed.common.seeding import derive_seed
-from flowerbed.common.vit import prompted_features
 from flowerbed.strategies.fedavg import FedAvg
 
 PROTO_KEY = re.compile(r"^([pk])\.(\d+)$")
@@ -161,7 +161,7 @@ def sikf(
         The uploaded prompt pools.
     weights : list of float
         Per-pool weights (``num-examples``) for the key average.
-    backbone : flowerbed.common.vit.TinyViT
+    backbone : flowerbed.common.models.TinyViT
         The frozen backbone (``embed`` / ``features``).
     x_surrogate : torch.Tensor
         The server's surrogate images.
@@ -215,7 +215,7 @@ class FedTA(FedAvg):
 
     Parameters
     ----------
-    backbone : flowerbed.common.vit.TinyViT
+    backbone : flowerbed.common.models.TinyViT
         Frozen pre-trained backbone used by SIKF.
     x_surrogate : torch.Tensor
         Surrogate images for SIKF (disjoint from clients' data and the test split).

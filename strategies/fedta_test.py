@@ -5,8 +5,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from flowerbed.common.models import TinyViT, freeze, prompted_features
 from flowerbed.common.testing import FakeGrid, mock_reply
-from flowerbed.common.vit import TinyViT, freeze, prompted_features
 from flowerbed.strategies.fedta import FedTA, average_pools, bgps, mean_prototypes, sikf
 
 F32 = np.float32

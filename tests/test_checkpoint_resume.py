@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_FEDAVG
+from flowerbed.common.testing import TINY_FEDAVG
 from flwr.app import Array, ArrayRecord
 
 from flowerbed.common.checkpoint import (
@@ -75,7 +75,7 @@ def test_rng_state_round_trip():
 
 def _run_code(cfg: dict, n: int) -> str:
     return (
-        "import sys; sys.path.insert(0, 'tests'); import conftest; "
+        "import flowerbed.common.testing; "
         "from flowerbed.simulation.inprocess import run_app; "
         f"run_app('fedavg', {cfg!r}, num_supernodes={n}, num_cpus=0.5)"
     )

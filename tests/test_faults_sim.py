@@ -11,7 +11,7 @@ import json
 import time
 
 import pytest
-from conftest import TINY_FEDAVG, app_path
+from flowerbed.common.testing import TINY_FEDAVG, app_path
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common import faults
@@ -88,7 +88,7 @@ def test_client_exit_kills_the_process(tmp_path):
     import sys
 
     code = (
-        "import sys; sys.path.insert(0, 'tests'); from conftest import app_path; "
+        "from flowerbed.common.testing import app_path; "
         "app_path('fedavg'); from flowerbed.common.faults import maybe_inject; "
         "maybe_inject({'seed': 1, 'fault-mode': 'exit', 'fault-partitions': '0'}, 0, 1); "
         "print('survived')"

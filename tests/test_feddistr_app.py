@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import app_path
+from flowerbed.common.testing import app_path
 
 TINY = {
     "generator": "tiny",

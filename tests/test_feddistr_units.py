@@ -4,7 +4,7 @@ upload checks, config errors, and a direct ClientApp call with the tiny generato
 import numpy as np
 import pytest
 import torch
-from conftest import app_path
+from flowerbed.common.testing import app_path
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common.config import ConfigError

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import app_path
+from flowerbed.common.testing import app_path
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 app_path("fedqual")

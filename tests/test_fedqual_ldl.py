@@ -1,10 +1,9 @@
-"""common/ldl.py: the six LDL measures against hand-computed values, losses, corruption model."""
+"""fedqual/ldl.py: the six LDL measures against hand-computed values, losses, corruption model."""
 
 import numpy as np
 import pytest
 import torch
-
-from flowerbed.common.ldl import (
+from fedqual.ldl import (
     calibrated_target,
     client_levels,
     corrupt,

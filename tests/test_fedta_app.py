@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import app_path
+from flowerbed.common.testing import app_path
 
 app_path("fedta")
 

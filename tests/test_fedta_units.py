@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import app_path
+from flowerbed.common.testing import app_path
 
 app_path("fedta")
 
@@ -66,7 +66,7 @@ def test_local_prototypes_are_class_means_of_the_anchored_features():
         }
     )
     torch.manual_seed(0)
-    from flowerbed.common.vit import TinyViT, freeze
+    from flowerbed.common.models import TinyViT, freeze
 
     bb = freeze(TinyViT(dim=8, heads=2, depth=1))
     shared = {"prompts": torch.randn(3, 2, 8), "keys": torch.randn(3, 8)}
@@ -119,7 +119,7 @@ def test_bad_config_fails_with_the_key():
 
 def test_fedta_upload_is_at_least_10x_smaller_than_fedavg_full_model():
     """Default config: pool + 2 prototypes (+ matched keys) vs the whole ViT + head."""
-    from flowerbed.common.vit import TinyViT
+    from flowerbed.common.models import TinyViT
 
     cfg = T.parse_config({})
     bb = TinyViT(patch=7, dim=64, depth=2, heads=4)

@@ -51,7 +51,7 @@ def test_more_partitions_than_samples_is_a_clear_error():
 
 
 def test_unknown_scheme_and_bad_count():
-    with pytest.raises(DataError, match="unknown partition scheme 'zipf'"):
+    with pytest.raises(DataError, match="unknown partitioner 'zipf'"):
         partition_indices(LABELS, 2, "zipf")
     with pytest.raises(DataError, match="positive integer"):
         partition_indices(LABELS, 0, "iid")
@@ -61,3 +61,44 @@ def test_unmeetable_dirichlet_is_a_clear_error():
     tiny = np.array([0, 1, 0, 1, 0, 1])
     with pytest.raises(DataError, match="cannot be met"):
         partition_indices(tiny, 3, "dirichlet", seed=0, alpha=0.5, min_partition_size=5)
+
+
+def test_registered_partitioner_is_used_and_validated(tmp_path, monkeypatch):
+    from flwr_datasets.partitioner import Partitioner
+
+    from flowerbed.common import config as C
+    from flowerbed.common.partition import partitioners, register_partitioner
+
+    monkeypatch.setenv("FLOWERBED_CACHE", str(tmp_path))
+
+    class FirstHalf(Partitioner):
+        """Partition 0 holds label 0, partition 1 the rest."""
+
+        def __init__(self, num_partitions: int):
+            super().__init__()
+            self._n = num_partitions
+
+        @property
+        def num_partitions(self) -> int:
+            return self._n
+
+        def load_partition(self, partition_id: int):
+            labels = np.asarray(self.dataset["label"])
+            keep = np.flatnonzero((labels == 0) == (partition_id == 0))
+            return self.dataset.select(keep.tolist())
+
+    def factory(num_partitions, seed, **_):
+        return FirstHalf(num_partitions)
+
+    register_partitioner("test-first-half", factory)
+    assert "test-first-half" in partitioners()
+    parts = partition_indices(LABELS, 2, "test-first-half", seed=0)
+    assert set(LABELS[parts[0]]) == {0} and 0 not in set(LABELS[parts[1]])
+    assert sorted(np.concatenate(parts).tolist()) == list(range(len(LABELS)))
+    # the run-config key `partitioner` takes any registered name, and names the bad one
+    schema = C.compose(C.DATA)
+    assert C.parse({"partitioner": "test-first-half"}, schema)["partitioner"] == "test-first-half"
+    with pytest.raises(C.ConfigError, match="partitioner='zipf': must be one of .*test-first-half"):
+        C.parse({"partitioner": "zipf"}, schema)
+    with pytest.raises(ValueError, match="already registered"):
+        register_partitioner("iid", factory)

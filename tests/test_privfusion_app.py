@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import app_path
+from flowerbed.common.testing import app_path
 
 app_path("privfusion")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import app_path
+from flowerbed.common.testing import app_path
 from scipy.stats import norm
 
 app_path("privfusion")

@@ -10,7 +10,7 @@ lived on two node ids shows that clients were spread over the cluster.
 import json
 
 import pytest
-from conftest import TINY_FEDAVG
+from flowerbed.common.testing import TINY_FEDAVG
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402

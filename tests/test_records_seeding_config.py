@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.common import config as C
 from flowerbed.common.models import build_model
-from flowerbed.common.records import check_arrays, load_record, record_nbytes, to_record
+from flowerbed.common.records import check_arrays, load_record, to_record, wire_nbytes
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.seeding import derive_seed, sample_partitions, set_seed
 
@@ -22,8 +22,25 @@ def test_state_dict_round_trip():
     for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     n_params = sum(p.numel() for p in m1.parameters())
-    # float32 payload plus a small serialisation header per array
-    assert 4 * n_params <= record_nbytes(rec) <= 4 * n_params + 200 * len(rec)
+    # the serialised size: the float32 payload plus a small protobuf header per array
+    content = RecordDict({"arrays": rec})
+    assert 4 * n_params <= wire_nbytes(content) <= 4 * n_params + 200 * len(rec)
+
+
+def test_wire_nbytes_is_the_serialised_size_of_every_record():
+    """Arrays, metrics and configs all count, keys included: adding one more metric or config
+    entry grows the count by that entry's serialised size."""
+    from flwr.common.serde import recorddict_to_proto
+
+    base = RecordDict({"arrays": _rec(w=np.zeros((10, 10), np.float32))})
+    n0 = wire_nbytes(base)
+    assert n0 == recorddict_to_proto(base).ByteSize() and n0 >= 400
+    base["metrics"] = MetricRecord({"num-examples": 7})
+    n1 = wire_nbytes(base)
+    assert n1 > n0 + len("num-examples")
+    base["config"] = ConfigRecord({"note": "x" * 1000})
+    assert wire_nbytes(base) >= n1 + 1000
+    assert wire_nbytes(None) == 0
 
 
 def _rec(**arrays):

@@ -1,10 +1,10 @@
-"""FedAvg ClientApp: local SGD on this node's partition, evaluation on it."""
+"""FedAvg ClientApp: the method's client step on this node's partition, evaluation on it."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedavg.secagg import is_legacy, legacy_train, secagg_switch
-from fedavg.task import local_evaluate, local_train, parse_config
+from fedavg.task import local_evaluate, parse_config
 from flowerbed.common.client import add_partition_query, partition_of
 from flowerbed.common.faults import maybe_inject
 from flowerbed.common.records import reply
@@ -19,10 +19,8 @@ def train(msg: Message, context: Context) -> Message:
     pid, n = partition_of(context)
     if is_legacy(msg):  # the SecAgg+ workflow sends a legacy FitIns
         return legacy_train(cfg, msg, pid, n)
-    server_round = int(msg.content["config"]["server-round"])
-    maybe_inject(cfg, pid, server_round)  # fault injection (run config fault-*; off by default)
-    arrays, metrics = local_train(cfg, msg.content["arrays"], pid, n, server_round)
-    return Message(content=reply(arrays, **metrics), reply_to=msg)
+    maybe_inject(cfg, pid, int(msg.content["config"]["server-round"]))  # fault-* keys; off
+    return cfg.method.client(msg, context, cfg)
 
 
 @app.evaluate()

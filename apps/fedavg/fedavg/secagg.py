@@ -1,6 +1,6 @@
 """FedAvg with secure aggregation: Flower's SecAgg+ behind the app's ``secagg`` option.
 
-SecAgg+ exists in Flower 1.41 only in the legacy API: the server side is
+SecAgg+ exists in Flower 1.42 only in the legacy API: the server side is
 ``flwr.server.workflow.SecAggPlusWorkflow`` run inside ``DefaultWorkflow`` with a legacy
 ``flwr.server.strategy.FedAvg`` and a ``LegacyContext``; the client side is the mod
 ``flwr.client.mod.secaggplus_mod``, which speaks the legacy ``FitIns``/``FitRes`` records. This
@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
+
+from flowerbed.common.protocol import Protocol, ProtocolGrid
 
 # Test hook: a callable(stage, payload) that sees what the ServerApp sends/receives.
 TAP: Callable[[str, Any], None] | None = None
@@ -97,52 +99,30 @@ def to_named(ndarrays: list[np.ndarray], reference: ArrayRecord) -> ArrayRecord:
 
 
 # --------------------------------------------------------------------------- server side
-def _content_bytes(content) -> int:
-    """Array payload plus bytes/strings in config records (keys, shares, masked vectors)."""
-    n = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
-    for rec in content.config_records.values():
-        for v in rec.values():
-            for x in v if isinstance(v, list) else [v]:
-                n += len(x) if isinstance(x, bytes | str) else 8
-    return n
-
-
-class CountingGrid:
-    """A Grid proxy counting the bytes of every message sent and received, per round."""
+class CountingGrid(ProtocolGrid):
+    """The protocol layer's grid (bytes per round and phase, with the one byte definition of
+    :func:`flowerbed.common.records.wire_nbytes`) for the legacy workflow, whose round is the
+    messages' group id; it also keeps which nodes were sent a message and which failed."""
 
     def __init__(self, grid) -> None:
-        self._grid = grid
-        self.rows: dict[int, dict[str, int]] = {}
+        super().__init__(grid, Protocol(grid))
         self.sampled: dict[int, set[int]] = {}  # round -> nodes sent a message
         self.failed: dict[int, set[int]] = {}  # round -> nodes with an error or no reply
 
-    def __getattr__(self, name):
-        return getattr(self._grid, name)
-
     @property
-    def run(self):
-        """The grid's run (the legacy client manager reads ``run.run_id``; flowerbed's
-        ``launcher=local`` grid has none)."""
-        run = getattr(self._grid, "run", None)
-        if run is None:
-            from types import SimpleNamespace
-
-            return SimpleNamespace(run_id=0)
-        return run
+    def rows(self) -> dict[int, dict]:
+        return self.protocol.rounds
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = _own_contents(list(messages))
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        for m in messages:
-            row = self.rows.setdefault(int(m.metadata.group_id or 0), {})
-            row["bytes_sent"] = row.get("bytes_sent", 0) + _content_bytes(m.content)
+        if not messages:
+            return []
+        self.protocol.current_round = int(messages[0].metadata.group_id or 0)
+        replies = self.protocol.send_and_receive(messages, timeout=timeout)
         ok: dict[int, set[int]] = {}
         for r in replies:
-            rnd = int(r.metadata.group_id or 0)
-            row = self.rows.setdefault(rnd, {})
             if r.has_content():
-                row["bytes_received"] = row.get("bytes_received", 0) + _content_bytes(r.content)
-                ok.setdefault(rnd, set()).add(r.metadata.src_node_id)
+                ok.setdefault(int(r.metadata.group_id or 0), set()).add(r.metadata.src_node_id)
         for m in messages:
             rnd, nid = int(m.metadata.group_id or 0), m.metadata.dst_node_id
             self.sampled.setdefault(rnd, set()).add(nid)
@@ -257,13 +237,7 @@ def run_secagg(grid, context: Context, cfg: dict, writer, evaluate, init: ArrayR
     for rnd, row in counting.rows.items():
         if rnd > 0:
             writer.add_round(rnd, **row, **fit_rows.get(rnd, {}))
-    writer.set(
-        "totals",
-        {
-            "bytes_sent": sum(r.get("bytes_sent", 0) for r in counting.rows.values()),
-            "bytes_received": sum(r.get("bytes_received", 0) for r in counting.rows.values()),
-        },
-    )
+    writer.set("totals", counting.protocol.totals())
     return dict(last["metrics"])
 
 

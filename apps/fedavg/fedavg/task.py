@@ -6,90 +6,66 @@ three train identically.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
 from flowerbed.common import config as C
-from flowerbed.common import faults
-from flowerbed.common.client import local_tensors
+from flowerbed.common.client import local_sgd, local_tensors, partition_of, sgd_step
 from flowerbed.common.data import load_dataset
 from flowerbed.common.models import MODELS, build_model
-from flowerbed.common.partition import SCHEMES
 from flowerbed.common.records import load_record, to_record
 from flowerbed.common.seeding import derive_seed, set_seed
-from flowerbed.common.train import evaluate, get_device, train
+from flowerbed.common.train import evaluate, get_device
+
+SCHEMA: dict[str, C.Option] = C.compose(
+    C.SCHEDULE,
+    C.DATA,
+    C.TRAIN,
+    C.DEVICE,
+    C.RESULTS,
+    C.FAULTS,
+    {
+        "method": C.Option("fedavg"),  # choices from the method table (fedavg.methods)
+        "model": C.Option("cnn", choices=MODELS),
+        "local-steps": C.Option(0, C.non_negative, "step cap >= 0 (0 = none)"),
+        "momentum": C.Option(0.0, C.unit_interval, "momentum in [0, 1]"),
+        "max-update-norm": C.Option(0.0, C.non_negative, "norm bound >= 0 (0 = off)"),
+        # --- central DP (Flower's server-side fixed clipping + Gaussian noise)
+        "dp-noise-multiplier": C.Option(0.0, C.non_negative, "noise multiplier >= 0 (0 = no DP)"),
+        "dp-clipping-norm": C.Option(1.0, C.positive, "clipping norm > 0"),
+        "dp-delta": C.Option(1e-5, lambda v: 0 < v < 1, "delta in (0, 1)"),
+        # --- secure aggregation (Flower's SecAgg+, legacy workflow; fedavg/secagg.py)
+        "secagg": C.Option(False, help="aggregate with SecAgg+ instead of the plain strategy"),
+        "secagg-num-shares": C.Option(
+            1.0,
+            lambda v: 0 < v <= 1 or (v > 2 and v == int(v)),
+            "fraction in (0, 1] or count > 2",
+        ),
+        "secagg-reconstruction-threshold": C.Option(
+            0.67,
+            lambda v: 0 < v <= 1 or (v >= 2 and v == int(v)),
+            "fraction in (0, 1] or count >= 2",
+        ),
+        "secagg-clipping-range": C.Option(8.0, C.positive, "clipping range > 0"),
+        "secagg-quantization-range": C.Option(
+            4194304, lambda v: 1 < v < 2**32, "quantization range in (1, 2**32)"
+        ),
+        "secagg-max-weight": C.Option(0.0, C.non_negative, "max client weight >= 0 (0 = auto)"),
+    },
+    num_server_rounds=30,
+    batch_size=64,
+    lr=0.1,
+)
 
 
-def _id_list(v: str) -> bool:
-    try:
-        faults.parse_ids(v)
-    except ValueError:
-        return False
-    return True
+def parse_config(run_config) -> C.RunConfig:
+    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`) and
+    resolve ``method`` in the app's method table."""
+    from fedavg.methods import METHODS
 
-
-SCHEMA: dict[str, C.Option] = {
-    "num-server-rounds": C.Option(30, C.positive, "number of rounds, > 0"),
-    "fraction-train": C.Option(1.0, lambda v: 0 < v <= 1, "fraction in (0, 1]"),
-    "fraction-evaluate": C.Option(0.0, C.unit_interval, "fraction in [0, 1]"),
-    "strategy": C.Option("fedavg", choices=("fedavg", "fedprox")),
-    "proximal-mu": C.Option(0.01, C.non_negative, "FedProx mu >= 0"),
-    "dataset": C.Option("fashion_mnist"),
-    "data-dir": C.Option(""),
-    "partitioner": C.Option("dirichlet", choices=SCHEMES),
-    "alpha": C.Option(0.5, C.positive, "Dirichlet alpha > 0"),
-    "classes-per-partition": C.Option(2, C.positive, "classes per client > 0"),
-    "model": C.Option("cnn", choices=MODELS),
-    "local-epochs": C.Option(1, C.positive, "local epochs > 0"),
-    "local-steps": C.Option(0, C.non_negative, "step cap >= 0 (0 = none)"),
-    "batch-size": C.Option(64, C.positive, "batch size > 0"),
-    "lr": C.Option(0.1, C.positive, "learning rate > 0"),
-    "momentum": C.Option(0.0, C.unit_interval, "momentum in [0, 1]"),
-    "max-update-norm": C.Option(0.0, C.non_negative, "norm bound >= 0 (0 = off)"),
-    "min-train-replies": C.Option(1, C.positive, "minimum valid replies > 0"),
-    "seed": C.Option(42),
-    "results-dir": C.Option(""),
-    "device": C.Option("auto", choices=("auto", "cpu", "cuda")),
-    # --- fault tolerance, checkpoints, privacy (all off by default)
-    "round-timeout": C.Option(3600.0, C.positive, "seconds to wait for replies per round > 0"),
-    "fault-mode": C.Option("none", choices=faults.MODES),
-    "fault-rate": C.Option(0.0, C.unit_interval, "fraction of client calls failing in [0, 1]"),
-    "fault-partitions": C.Option("", _id_list, "comma-separated partition ids"),
-    "fault-rounds": C.Option("", _id_list, "comma-separated round numbers"),
-    "fault-hang-s": C.Option(0.0, C.non_negative, "hang seconds >= 0 (0 = round-timeout + 5)"),
-    "checkpoint": C.Option(False, help="write a checkpoint after every round"),
-    "resume": C.Option(False, help="continue from the checkpoint in results-dir"),
-    "dp-noise-multiplier": C.Option(0.0, C.non_negative, "noise multiplier >= 0 (0 = no DP)"),
-    "dp-clipping-norm": C.Option(1.0, C.positive, "clipping norm > 0"),
-    "dp-delta": C.Option(1e-5, lambda v: 0 < v < 1, "delta in (0, 1)"),
-    # --- secure aggregation (Flower's SecAgg+, legacy workflow; fedavg/secagg.py)
-    "secagg": C.Option(False, help="aggregate with SecAgg+ instead of the plain strategy"),
-    "secagg-num-shares": C.Option(
-        1.0, lambda v: 0 < v <= 1 or (v > 2 and v == int(v)), "fraction in (0, 1] or count > 2"
-    ),
-    "secagg-reconstruction-threshold": C.Option(
-        0.67, lambda v: 0 < v <= 1 or (v >= 2 and v == int(v)), "fraction in (0, 1] or count >= 2"
-    ),
-    "secagg-clipping-range": C.Option(8.0, C.positive, "clipping range > 0"),
-    "secagg-quantization-range": C.Option(
-        4194304, lambda v: 1 < v < 2**32, "quantization range in (1, 2**32)"
-    ),
-    "secagg-max-weight": C.Option(0.0, C.non_negative, "max client weight >= 0 (0 = auto)"),
-}
-
-
-def parse_config(run_config) -> dict[str, Any]:
-    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`)."""
-    cfg = C.parse(run_config, SCHEMA)
-    from flowerbed.common.data import available
-
-    if cfg["dataset"] not in available():
-        from flowerbed.common.data import DataError
-
-        raise DataError(f"unknown dataset {cfg['dataset']!r}; known: {', '.join(available())}")
+    cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("fedavg")}, methods=METHODS)
     if cfg["secagg"]:
         clash = [
             f"{k}={cfg[k]}"
@@ -127,34 +103,43 @@ def client_data(cfg: dict[str, Any], partition_id: int, num_partitions: int):
     )
 
 
+def train_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The local SGD settings of the run config (:func:`flowerbed.common.train.train`)."""
+    return {
+        "epochs": cfg["local-epochs"],
+        "batch_size": cfg["batch-size"],
+        "lr": cfg["lr"],
+        "momentum": cfg["momentum"],
+        "max_steps": cfg["local-steps"] or None,
+    }
+
+
 def local_train(
     cfg: dict[str, Any],
     arrays: ArrayRecord,
     partition_id: int,
     num_partitions: int,
     server_round: int,
+    proximal_mu: float = 0.0,
 ) -> tuple[ArrayRecord, dict[str, float]]:
-    """One client's local update from the global ``arrays``; seeded by (seed, pid, round)."""
+    """One client's local update from the global ``arrays``; seeded by (seed, pid, round).
+
+    The ClientApp's step (:func:`client_train`) and the benchmark's plain loop both train
+    through :func:`flowerbed.common.client.local_sgd`, so they train identically."""
     x, y, num_classes = client_data(cfg, partition_id, num_partitions)
-    model = load_record(make_model(cfg, x.shape[1:], num_classes), arrays)
-    gen = set_seed(derive_seed(cfg["seed"], partition_id, server_round))
-    mu = cfg["proximal-mu"] if cfg["strategy"] == "fedprox" else 0.0
-    t0 = time.perf_counter()
-    stats = train(
-        model,
-        x,
-        y,
-        epochs=cfg["local-epochs"],
-        batch_size=cfg["batch-size"],
-        lr=cfg["lr"],
-        momentum=cfg["momentum"],
-        max_steps=cfg["local-steps"] or None,
-        proximal_mu=mu,
-        generator=gen,
-        device=get_device(cfg["device"]),
+    model = make_model(cfg, x.shape[1:], num_classes)
+    seed = derive_seed(cfg["seed"], partition_id, server_round)
+    return local_sgd(
+        model, arrays, x, y, seed, proximal_mu, device=cfg["device"], **train_kwargs(cfg)
     )
-    stats["train-time-s"] = time.perf_counter() - t0  # wall time of the local SGD alone
-    return to_record(model), {**stats, "num-examples": len(x)}
+
+
+def client_train(msg, context, cfg: dict[str, Any]):
+    """The ClientApp's training step (FedAvg, FedProx): the shared SGD step on this partition."""
+    pid, n = partition_of(context)
+    x, y, num_classes = client_data(cfg, pid, n)
+    model = make_model(cfg, x.shape[1:], num_classes)
+    return sgd_step(msg, context, model, x, y, cfg["seed"], cfg["device"], **train_kwargs(cfg))
 
 
 def local_evaluate(cfg, arrays, partition_id, num_partitions) -> dict[str, float]:

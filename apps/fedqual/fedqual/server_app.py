@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedqual.ldl import METRICS
 from fedqual.task import (
     FEDERATED,
     central_evaluator,
@@ -27,7 +28,6 @@ from fedqual.task import (
     partitions_of,
     pooled_data,
 )
-from flowerbed.common.ldl import METRICS
 from flowerbed.common.records import content_nbytes, to_record
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.seeding import derive_seed, set_seed

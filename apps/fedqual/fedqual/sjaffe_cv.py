@@ -20,9 +20,9 @@ import numpy as np
 import scipy.io
 import torch
 
+from fedqual.ldl import METRICS, ldl_metrics
 from fedqual.task import SCHEMA, fit, make_model, predict
 from flowerbed.common.data import _ldl_dir
-from flowerbed.common.ldl import METRICS, ldl_metrics
 from flowerbed.common.seeding import derive_seed, set_seed
 
 

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from flowerbed.common import config as C
-from flowerbed.common.data import DataError, available, load_dataset
-from flowerbed.common.ldl import (
+from fedqual.ldl import (
     CORRUPTIONS,
     QUALITY_ESTIMATORS,
     calibrated_target,
@@ -29,6 +27,8 @@ from flowerbed.common.ldl import (
     ldl_metrics,
     quality_score,
 )
+from flowerbed.common import config as C
+from flowerbed.common.data import DataError, available, load_dataset
 from flowerbed.common.models import build_model
 from flowerbed.common.partition import partition_indices
 from flowerbed.common.records import load_record, to_record

@@ -3,7 +3,7 @@
 Source: the ``pretrain`` slice of the Fashion-MNIST TRAIN split (the first ``pretrain-size``
 images after a fixed shuffle, see :mod:`fedta.data`): no client holds these images, they are not
 in the surrogate set, and the test split is never used. Supervised training (Adam, cross-entropy,
-``pretrain-epochs`` epochs) of :class:`flowerbed.common.vit.TinyViT`; the classification head is
+``pretrain-epochs`` epochs) of :class:`flowerbed.common.models.TinyViT`; the classification head is
 discarded by the app (every method builds its own heads).
 
     python -m fedta.pretrain                          # app defaults (pyproject.toml)
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from fedta import data as D
 from flowerbed.common.data import cache_dir
+from flowerbed.common.models import TinyViT, freeze
 from flowerbed.common.seeding import set_seed
-from flowerbed.common.vit import TinyViT, freeze
 
 PRETRAIN_SEED = 1234
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord
 
 from flowerbed.common import config as C
+from flowerbed.common.models import TinyViT, cosine_distance, prompted_features
 from flowerbed.common.seeding import derive_seed, set_seed
-from flowerbed.common.vit import TinyViT, cosine_distance, prompted_features
 
 METHODS = ("fedta", "fedta-no-ta", "fedta-no-sikf", "fedta-no-bgps", "l2p", "fedvit", "fedavg")
 FEDTA_METHODS = METHODS[:4]

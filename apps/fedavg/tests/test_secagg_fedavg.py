@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TINY_FEDAVG, app_path
+from flowerbed.common.testing import TINY_FEDAVG, app_path
 
 from flowerbed.common.config import ConfigError
 

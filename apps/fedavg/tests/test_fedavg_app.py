@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import app_path
+from flowerbed.common.testing import app_path
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common.config import ConfigError
@@ -49,7 +49,7 @@ def test_client_train_call_directly():
         ({"alpha": -1.0}, "alpha=-1.0"),
         ({"num-server-rounds": "many"}, "num-server-rounds='many'"),
         ({"partitioner": "zipf"}, "partitioner='zipf'"),
-        ({"dataset": "cifar11"}, "unknown dataset 'cifar11'"),
+        ({"dataset": "cifar11"}, "dataset='cifar11': unknown dataset"),
         ({"no-such-key": 1}, "unknown run config key 'no-such-key'"),
     ],
 )
