@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flowerbed.common.testing import TINY_FEDAVG
 from flwr.app import Array, ArrayRecord
 
 from flowerbed.common.checkpoint import (
@@ -22,6 +21,7 @@ from flowerbed.common.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from flowerbed.common.testing import TINY_FEDAVG
 from flowerbed.simulation.deploy import stop_tree
 from flowerbed.strategies.fedavg import FedAvg
 

@@ -78,7 +78,6 @@ def test_epsilon_per_round_matches_hand_computed_rdp():
 
 def test_dp_run_reports_epsilon_per_round(tmp_path):
     from flowerbed.common.testing import TINY_FEDAVG, app_path
-
     from flowerbed.simulation.inprocess import run_app
 
     app_path("fedavg")

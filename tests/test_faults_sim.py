@@ -11,12 +11,11 @@ import json
 import time
 
 import pytest
-from flowerbed.common.testing import TINY_FEDAVG, app_path
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common import faults
 from flowerbed.common.config import ConfigError
-from flowerbed.common.testing import mock_reply
+from flowerbed.common.testing import TINY_FEDAVG, app_path, mock_reply
 
 app_path("fedavg")
 from fedavg import client_app, task  # noqa: E402

@@ -4,11 +4,10 @@ upload checks, config errors, and a direct ClientApp call with the tiny generato
 import numpy as np
 import pytest
 import torch
-from flowerbed.common.testing import app_path
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common.config import ConfigError
-from flowerbed.common.testing import mock_reply
+from flowerbed.common.testing import app_path, mock_reply
 
 app_path("feddistr")
 from feddistr import align, task  # noqa: E402

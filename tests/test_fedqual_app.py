@@ -4,8 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from flowerbed.common.testing import app_path
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
+
+from flowerbed.common.testing import app_path
 
 app_path("fedqual")
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from flowerbed.common.testing import app_path
 
 app_path("fedta")

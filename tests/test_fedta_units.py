@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from flowerbed.common.testing import app_path
 
 app_path("fedta")

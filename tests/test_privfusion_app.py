@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+
 from flowerbed.common.testing import app_path
 
 app_path("privfusion")

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from flowerbed.common.testing import app_path
 from scipy.stats import norm
+
+from flowerbed.common.testing import app_path
 
 app_path("privfusion")
 

@@ -10,6 +10,7 @@ lived on two node ids shows that clients were spread over the cluster.
 import json
 
 import pytest
+
 from flowerbed.common.testing import TINY_FEDAVG
 
 ray = pytest.importorskip("ray")

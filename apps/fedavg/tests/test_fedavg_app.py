@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flowerbed.common.testing import app_path
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common.config import ConfigError
-from flowerbed.common.testing import mock_reply
+from flowerbed.common.testing import app_path, mock_reply
 
 app_path("fedavg")
 from fedavg import client_app, task  # noqa: E402

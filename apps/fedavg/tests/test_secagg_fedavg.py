@@ -18,9 +18,9 @@ import json
 
 import numpy as np
 import pytest
-from flowerbed.common.testing import TINY_FEDAVG, app_path
 
 from flowerbed.common.config import ConfigError
+from flowerbed.common.testing import TINY_FEDAVG, app_path
 
 app_path("fedavg")
 from fedavg import secagg, task  # noqa: E402
