@@ -84,6 +84,26 @@ def add_partition_query(app: ClientApp) -> None:
         return Message(content=content, reply_to=msg)
 
 
+def start_arrays(msg: Message, context: Context) -> ArrayRecord:
+    """The arrays a training call starts from: the received global model, or, with
+    ``local-only`` in the train config (:class:`flowerbed.strategies.baselines.LocalOnly`), this
+    node's own model kept in ``context.state`` (the received one in the first round)."""
+    from flowerbed.common.records import config_get
+
+    local = bool(config_get(msg.content.config_records.get("config"), LOCAL_ONLY, False))
+    if local and LOCAL_MODEL in context.state.array_records:
+        return context.state[LOCAL_MODEL]
+    return msg.content["arrays"]
+
+
+def keep_local(msg: Message, context: Context, arrays: ArrayRecord) -> None:
+    """Keep ``arrays`` as this node's own model when the call is ``local-only``."""
+    from flowerbed.common.records import config_get
+
+    if config_get(msg.content.config_records.get("config"), LOCAL_ONLY, False):
+        context.state[LOCAL_MODEL] = arrays
+
+
 def local_sgd(
     model: torch.nn.Module,
     arrays: ArrayRecord,
@@ -160,13 +180,9 @@ def sgd_step(
     from flowerbed.common.records import config_get, reply
 
     conf = msg.content.config_records.get("config")
-    local = bool(config_get(conf, LOCAL_ONLY, False))
-    start = msg.content["arrays"]
-    if local and LOCAL_MODEL in context.state.array_records:
-        start = context.state[LOCAL_MODEL]
     arrays, metrics = local_sgd(
         model,
-        start,
+        start_arrays(msg, context),
         x,
         y,
         call_seed(context, msg, run_seed),
@@ -174,6 +190,5 @@ def sgd_step(
         device=device,
         **train_kwargs,
     )
-    if local:
-        context.state[LOCAL_MODEL] = arrays
+    keep_local(msg, context, arrays)
     return Message(content=reply(arrays, **metrics), reply_to=msg)
