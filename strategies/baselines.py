@@ -158,14 +158,23 @@ def guard_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def make_fedavg(cfg: Mapping[str, Any], **kwargs: Any) -> FedAvg:
-    """flowerbed FedAvg from the run config (``kwargs`` override)."""
-    return FedAvg(**{**guard_kwargs(cfg), **kwargs})
+# The factories below take the app's context as keyword arguments and use what they need
+# (``evaluate_each``, ``fit``, ``strategy_kwargs``), so one call serves every row of a table.
 
 
-def make_fedprox(cfg: Mapping[str, Any], **kwargs: Any) -> FedProx:
+def make_fedavg(
+    cfg: Mapping[str, Any], strategy_kwargs: Mapping[str, Any] | None = None, **_: Any
+) -> FedAvg:
+    """flowerbed FedAvg from the run config (``strategy_kwargs`` override)."""
+    return FedAvg(**{**guard_kwargs(cfg), **(strategy_kwargs or {})})
+
+
+def make_fedprox(
+    cfg: Mapping[str, Any], strategy_kwargs: Mapping[str, Any] | None = None, **_: Any
+) -> FedProx:
     """Flower's FedProx (with flowerbed's guards), mu from ``proximal-mu``."""
-    return FedProx(proximal_mu=float(cfg["proximal-mu"]), **{**guard_kwargs(cfg), **kwargs})
+    kwargs = {**guard_kwargs(cfg), **(strategy_kwargs or {})}
+    return FedProx(proximal_mu=float(cfg["proximal-mu"]), **kwargs)
 
 
 def make_local_only(cfg: Mapping[str, Any], evaluate_each, **_: Any) -> LocalOnly:

@@ -107,7 +107,7 @@ def test_flwr_run_end_to_end(tmp_path):
     pyproject = (Path(app_path("fedavg")) / "pyproject.toml").read_text()
     p = flwr_run("fedavg", {**FAST, "results-dir": str(out)}, num_supernodes=2, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "fedavg final test accuracy" in p.stdout
+    assert "fedavg fedavg: final accuracy" in p.stdout
     rec = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in rec["rounds"]] == [0, 1, 2]
     assert rec["extra"]["final"]["accuracy"] > 0.2

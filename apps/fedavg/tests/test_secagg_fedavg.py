@@ -168,7 +168,7 @@ def test_secagg_through_flwr_run(tmp_path):
     cfg = {**CFG, "num-server-rounds": 2, "secagg": True, "results-dir": str(out)}
     p = flwr_run("fedavg", cfg, num_supernodes=K, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "fedavg (SecAgg+) final test accuracy" in p.stdout
+    assert "fedavg fedavg (SecAgg+): final accuracy" in p.stdout
     rec = json.loads((out / "results.json").read_text())
     rounds = {r["round"]: r for r in rec["rounds"]}
     assert sorted(rounds) == [0, 1, 2]

@@ -1,0 +1,16 @@
+"""Template ClientApp: the method's client step on this node's partition."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from flowerbed.common.client import add_partition_query
+from template.task import parse_config
+
+app = ClientApp()
+add_partition_query(app)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = parse_config(context.run_config)  # a bad key or value: one line naming it
+    return cfg.method.client(msg, context, cfg)
