@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up flowerbed on a fresh Debian/Ubuntu machine (idempotent):
 #   - the Debian package with the Fashion-MNIST IDX files (offline data),
-#   - a virtual environment .venv with flowerbed (editable) and its dev tools.
+#   - a virtual environment .venv with flowerbed (editable) and its dev tools, at the tested
+#     versions of simulation/constraints.txt (reinstalled when that file changes).
 # Usage: bash simulation/setup.sh            (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +19,16 @@ if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import flowerbed.common, flwr, torch, pytest, ruff" 2>/dev/null; then
-  echo "[setup] installing flowerbed and its dependencies into .venv (torch 2.14.1 from local wheels)"
+stamp=".venv/.flowerbed-installed"
+want="$(sha1sum pyproject.toml simulation/constraints.txt | sha1sum | cut -c1-40)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import flowerbed.common, flwr, torch, pytest, ruff" 2>/dev/null; then
+  echo "[setup] installing flowerbed and its dependencies into .venv (pinned: simulation/constraints.txt)"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e ".[dev]"
+  # setuptools prints an information-only notice ("Editable installation. ...: folders named
+  # like the package may take precedence") for every editable install with a package-dir map;
+  # only that notice is filtered, any other warning of the build still shows.
+  PYTHONWARNINGS="ignore:Editable installation" \
+    .venv/bin/pip install -q -c simulation/constraints.txt -e ".[dev]"
+  echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import flwr, torch; print("flwr", flwr.__version__, "torch", torch.__version__)')"
