@@ -130,10 +130,17 @@ def flwr_run(
 
     Returns the completed ``flwr`` process (its stdout has the streamed logs). The SuperLink and
     everything it started are stopped before returning.
-    """
-    from flowerbed.simulation.inprocess import app_dir
 
-    path = app_dir(str(app))
+    Raises
+    ------
+    ValueError
+        An unknown key or a bad value (one line naming it), before anything starts.
+    """
+    from flowerbed.simulation.runner import validate
+
+    # Flower's own check of the keys answers only "Invalid run configuration": name the key (and
+    # a bad value) in one line before a SuperLink starts
+    path = validate(str(app), dict(run_config or {}))
     cmd = [str(BIN / "flwr"), "run", str(path), "sim", "--stream"]
     if run_config:
         cmd += ["--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())]

@@ -56,7 +56,10 @@ def fused_config(app: str, overrides: dict[str, Any] | None) -> tuple[Path, dict
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
-        raise ValueError(f"unknown run config key {unknown[0]!r} for app {path.name!r}")
+        raise ValueError(
+            f"unknown run config key {unknown[0]!r} for app {path.name!r}; "
+            f"valid keys: {', '.join(sorted(defaults))}"
+        )
     return path, {**defaults, **overrides}
 
 

@@ -106,3 +106,17 @@ def test_flwr_run_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in rec["rounds"]] == [0, 1] and rec["extra"]["final"]["accuracy"] > 0.5
+
+
+def test_flwr_run_names_an_unknown_key_before_anything_starts():
+    """Flower's own check answers "Invalid run configuration" without the key; flowerbed's
+    `flwr run` driver (and the runner) name it, with the app's valid keys, in one line."""
+    from flowerbed.simulation.flwr_cli import flwr_run
+
+    with pytest.raises(ValueError) as e:
+        flwr_run("template", {"rounds": 1})
+    msg = str(e.value)
+    assert msg.startswith("unknown run config key 'rounds' for app 'template'; valid keys: ")
+    assert "num-server-rounds" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"^run config lr=-1.0: learning rate > 0$"):
+        flwr_run("template", {"lr": -1.0})
