@@ -55,30 +55,34 @@ _fedavg, _fedprox, _local, _central = baseline_methods(
 _CLEAN = "centralized on the pooled train split with the clean labels (rounds x local-epochs)"
 _NOISY = "centralized on the pooled train split as the clients annotated it (corrupted labels)"
 
+
+def _fedqual_row(name: str, kind: str, help: str, calibrate: bool, reliability: bool) -> Method:
+    """FedQual or one of its ablations: the same strategy and client step, two switches."""
+    flags = {"calibrate": calibrate, "reliability": reliability}
+    return Method(name, kind, help, strategy=make_fedqual, client=client_step, flags=flags)
+
+
 METHODS = MethodTable(
-    Method(
+    _fedqual_row(
         "fedqual",
         "reconstruction",
         "FedQual: reliability weights n_k q_k^gamma + calibration towards the global anchor",
-        strategy=make_fedqual,
-        client=client_step,
-        flags={"calibrate": True, "reliability": True},
+        calibrate=True,
+        reliability=True,
     ),
-    Method(
+    _fedqual_row(
         "fedqual-nocal",
         "ablation",
         "FedQual without the calibration (reliability weights only)",
-        strategy=make_fedqual,
-        client=client_step,
-        flags={"calibrate": False, "reliability": True},
+        calibrate=False,
+        reliability=True,
     ),
-    Method(
+    _fedqual_row(
         "fedqual-noweight",
         "ablation",
         "FedQual without the reliability weights (calibration only, FedAvg's n_k weights)",
-        strategy=make_fedqual,
-        client=client_step,
-        flags={"calibrate": True, "reliability": False},
+        calibrate=True,
+        reliability=False,
     ),
     replace(_fedavg, strategy=_fedqual_metrics(_fedavg.strategy)),
     replace(_fedprox, strategy=_fedqual_metrics(_fedprox.strategy)),
