@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 from torch import nn
 
@@ -31,11 +33,12 @@ def train(
     momentum: float = 0.0,
     max_steps: int | None = None,
     proximal_mu: float = 0.0,
-    loss_fn: nn.Module | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> dict[str, float]:
-    """Local SGD on ``(x, y)``.
+    """Local SGD (or another optimiser) on ``(x, y)``.
 
     Parameters
     ----------
@@ -55,12 +58,15 @@ def train(
         Stop after this many optimiser steps (None: no cap).
     proximal_mu : float, default 0.0
         FedProx proximal coefficient: adds ``mu/2 * ||w - w_global||^2`` (the weights at entry).
-    loss_fn : nn.Module or None, default None
-        Loss; cross-entropy if None.
+    loss_fn : callable or None, default None
+        ``loss_fn(model(xb), yb)``; cross-entropy if None (e.g. a KL loss for soft targets).
     generator : torch.Generator or None, default None
         Shuffling generator (seed it with :func:`flowerbed.common.seeding.derive_seed`).
     device : torch.device or None, default None
         Device; :func:`get_device` if None.
+    optimizer : callable or None, default None
+        ``optimizer(model.parameters()) -> torch.optim.Optimizer``; SGD with ``lr`` and
+        ``momentum`` if None (``lr`` and ``momentum`` are then not used).
 
     Returns
     -------
@@ -70,7 +76,10 @@ def train(
     device = device or get_device()
     model.to(device).train()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    if optimizer is None:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    else:
+        opt = optimizer(model.parameters())
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     total, steps = 0.0, 0
     for _ in range(epochs):

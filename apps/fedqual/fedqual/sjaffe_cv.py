@@ -7,7 +7,8 @@ baselines on SJAFFE (AA-BP: KL <= .073, Cosine >= .931; SA-BFGS: KL .051, Cosine
     python -m fedqual.sjaffe_cv --repeats 3     # 10-fold CV repeated with 3 shuffles
 
 Features are standardised with the training folds' statistics; each fold trains the app's MLP
-(``make_model``) with the app's loop (``fit``) for ``--epochs`` epochs.
+(``make_model``) with the app's training settings (``train_kwargs``: Adam on the KL loss, the
+shared loop :func:`flowerbed.common.train.train`) for ``--epochs`` epochs.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import scipy.io
 import torch
 
 from fedqual.ldl import METRICS, ldl_metrics
-from fedqual.task import SCHEMA, fit, make_model, predict
+from fedqual.task import SCHEMA, make_model, predict, train_kwargs
 from flowerbed.common.data import _ldl_dir
 from flowerbed.common.seeding import derive_seed, set_seed
+from flowerbed.common.train import train as train_loop
 
 
 def load_mat(name: str = "SJAFFE", data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -53,16 +55,13 @@ def cross_validate(
             xtr = torch.from_numpy(((x[train] - mu) / sd).astype(np.float32))
             xte = torch.from_numpy(((x[test] - mu) / sd).astype(np.float32))
             model = make_model({**cfg, "seed": derive_seed(seed, rep, k)}, x.shape[1], d.shape[1])
-            fit(
+            train_loop(
                 model,
                 xtr,
                 torch.from_numpy(d[train].astype(np.float32)),
-                epochs=epochs,
-                batch_size=cfg["batch-size"],
-                lr=cfg["lr"],
-                weight_decay=cfg["weight-decay"],
                 generator=set_seed(derive_seed(seed, rep, k, 1)),
                 device=torch.device("cpu"),
+                **train_kwargs({**cfg, "local-epochs": epochs}),
             )
             res = ldl_metrics(d[test], predict(model, xte, torch.device("cpu")))
             for m in METRICS:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context, Message
 
 from fedqual.ldl import (
     CORRUPTIONS,
@@ -28,48 +28,48 @@ from fedqual.ldl import (
     quality_score,
 )
 from flowerbed.common import config as C
+from flowerbed.common.client import keep_local, local_sgd, partition_of, start_arrays
 from flowerbed.common.data import DataError, available, load_dataset
 from flowerbed.common.models import build_model
 from flowerbed.common.partition import partition_indices
-from flowerbed.common.records import load_record, to_record
+from flowerbed.common.records import config_get, load_record, reply, to_record
 from flowerbed.common.seeding import derive_seed, set_seed
-from flowerbed.common.train import get_device, iterate_minibatches
+from flowerbed.common.train import get_device, train
 
-FEDERATED = ("fedqual", "fedqual-nocal", "fedqual-noweight", "fedavg", "fedprox")
-METHODS = (*FEDERATED, "local", "central-clean", "central-noisy")
-CALIBRATED = ("fedqual", "fedqual-noweight")  # methods whose clients calibrate
-
-SCHEMA: dict[str, C.Option] = {
-    "method": C.Option("fedqual", choices=METHODS),
-    "num-server-rounds": C.Option(20, C.positive, "number of rounds, > 0"),
-    "alpha-max": C.Option(0.5, C.unit_interval, "largest calibration weight, in [0, 1]"),
-    "reliability-power": C.Option(2.0, C.non_negative, "exponent of q_k in the weights, >= 0"),
-    "quality-estimator": C.Option("corr", choices=QUALITY_ESTIMATORS),
-    "proximal-mu": C.Option(0.01, C.non_negative, "FedProx mu >= 0"),
-    "dataset": C.Option("ldl/SBU_3DFE"),
-    "data-dir": C.Option(""),
-    "partitioner": C.Option("iid", choices=("iid", "dirichlet")),
-    "alpha": C.Option(0.5, C.positive, "Dirichlet alpha > 0"),
-    "corruption": C.Option("combined", choices=CORRUPTIONS),
-    "corruption-level": C.Option(0.6, C.unit_interval, "corruption level in [0, 1]"),
-    "corruption-spread": C.Option(0.5, C.unit_interval, "spread of levels in [0, 1]"),
-    "clean-fraction": C.Option(0.4, C.unit_interval, "fraction of clean clients in [0, 1]"),
-    "max-annotators": C.Option(50, C.positive, "annotators per sample at level 0, > 0"),
-    "hidden": C.Option(256, C.positive, "hidden width > 0"),
-    "layers": C.Option(1, C.non_negative, "hidden layers >= 0"),
-    "local-epochs": C.Option(2, C.positive, "local epochs > 0"),
-    "batch-size": C.Option(32, C.positive, "batch size > 0"),
-    "lr": C.Option(0.001, C.positive, "learning rate > 0"),
-    "weight-decay": C.Option(0.01, C.non_negative, "weight decay >= 0"),
-    "seed": C.Option(42),
-    "results-dir": C.Option(""),
-    "device": C.Option("auto", choices=("auto", "cpu", "cuda")),
-}
+SCHEMA: dict[str, C.Option] = C.compose(
+    C.SCHEDULE,
+    C.DATA,
+    C.TRAIN,
+    C.DEVICE,
+    C.RESULTS,
+    {
+        "method": C.Option("fedqual"),  # choices from the method table (fedqual.methods)
+        "alpha-max": C.Option(0.5, C.unit_interval, "largest calibration weight, in [0, 1]"),
+        "reliability-power": C.Option(2.0, C.non_negative, "exponent of q_k in the weights, >= 0"),
+        "quality-estimator": C.Option("corr", choices=QUALITY_ESTIMATORS),
+        "corruption": C.Option("combined", choices=CORRUPTIONS),
+        "corruption-level": C.Option(0.6, C.unit_interval, "corruption level in [0, 1]"),
+        "corruption-spread": C.Option(0.5, C.unit_interval, "spread of levels in [0, 1]"),
+        "clean-fraction": C.Option(0.4, C.unit_interval, "fraction of clean clients in [0, 1]"),
+        "max-annotators": C.Option(50, C.positive, "annotators per sample at level 0, > 0"),
+        "hidden": C.Option(256, C.positive, "hidden width > 0"),
+        "layers": C.Option(1, C.non_negative, "hidden layers >= 0"),
+        "weight-decay": C.Option(0.01, C.non_negative, "weight decay >= 0"),
+    },
+    num_server_rounds=20,
+    dataset="ldl/SBU_3DFE",
+    partitioner="iid",
+    local_epochs=2,
+    lr=0.001,
+)
 
 
-def parse_config(run_config) -> dict[str, Any]:
-    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`)."""
-    cfg = C.parse(run_config, SCHEMA)
+def parse_config(run_config) -> C.RunConfig:
+    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`) and
+    resolve ``method`` in the app's method table."""
+    from fedqual.methods import METHODS
+
+    cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("fedqual")}, methods=METHODS)
     name = cfg["dataset"]
     if not name.startswith("ldl/"):
         raise DataError(f"dataset {name!r} is not a label-distribution set (expected ldl/<NAME>)")
@@ -178,40 +178,16 @@ def predict(model: torch.nn.Module, x: torch.Tensor, device=None) -> np.ndarray:
     return torch.cat(out).numpy().astype(np.float64)
 
 
-def fit(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float = 0.0,
-    proximal_mu: float = 0.0,
-    generator: torch.Generator | None = None,
-    device=None,
-) -> float:
-    """Adam on ``KL(target || softmax(model(x)))`` (+ FedProx term); returns the mean loss."""
-    device = device or get_device()
-    model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        for idx in iterate_minibatches(len(x), batch_size, generator):
-            xb, tb = x[idx].to(device), target[idx].to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = kl_loss(model(xb), tb)
-            if anchor is not None:
-                prox = sum(
-                    (p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-                )
-                loss = loss + 0.5 * proximal_mu * prox
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-    return total / max(steps, 1)
+def train_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The local training of the run config for :func:`flowerbed.common.train.train`: Adam
+    (``lr``, L2 ``weight-decay``) on ``KL(target || softmax(model(x)))``."""
+    lr, weight_decay = cfg["lr"], cfg["weight-decay"]
+    return {
+        "epochs": cfg["local-epochs"],
+        "batch_size": cfg["batch-size"],
+        "loss_fn": kl_loss,
+        "optimizer": lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
+    }
 
 
 def calibration_weight(quality: float, q_ref: float, alpha_max: float) -> float:
@@ -223,18 +199,22 @@ def calibration_weight(quality: float, q_ref: float, alpha_max: float) -> float:
 
 # ----------------------------------------------------------------------------- client steps
 def local_train(
-    cfg: dict[str, Any],
+    cfg: C.RunConfig,
     arrays: ArrayRecord,
     partition_id: int,
     num_partitions: int,
     server_round: int,
     q_ref: float = 0.0,
-    alpha_max: float | None = None,
+    alpha_max: float = 0.0,
+    proximal_mu: float = 0.0,
 ) -> tuple[ArrayRecord, dict[str, float]]:
-    """One client's update from ``arrays``; FedQual calibration when the method asks for it.
+    """One client's update from ``arrays``; FedQual calibration when the method's row has the
+    ``calibrate`` flag.
 
     The quality ``q_k`` is estimated with the received model on the client's own annotations,
-    before training; ``alpha_k`` follows from ``q_k`` and the server's reference ``q_ref``.
+    before training; ``alpha_k`` follows from ``q_k``, the server's reference ``q_ref`` and its
+    ``alpha_max``. Training is the shared loop (:func:`flowerbed.common.client.local_sgd`) with
+    the KL loss and Adam (:func:`train_kwargs`), seeded by (seed, partition, round).
     """
     x, y, _, _ = client_data(cfg, partition_id, num_partitions)
     device = get_device(cfg["device"])
@@ -242,31 +222,46 @@ def local_train(
     p_g = predict(model, x, device)
     quality = quality_score(y.numpy(), p_g, cfg["quality-estimator"])
     alpha = 0.0
-    if cfg["method"] in CALIBRATED:
-        a_max = cfg["alpha-max"] if alpha_max is None else alpha_max
-        alpha = calibration_weight(quality, q_ref, a_max)
+    if cfg.method.flag("calibrate", False):
+        alpha = calibration_weight(quality, q_ref, alpha_max)
     target = calibrated_target(y, torch.from_numpy(p_g).float(), alpha) if alpha > 0 else y
-    gen = set_seed(derive_seed(cfg["seed"], partition_id, server_round))
-    loss = fit(
-        model,
-        x,
-        target,
-        epochs=cfg["local-epochs"],
-        batch_size=cfg["batch-size"],
-        lr=cfg["lr"],
-        weight_decay=cfg["weight-decay"],
-        proximal_mu=cfg["proximal-mu"] if cfg["method"] == "fedprox" else 0.0,
-        generator=gen,
-        device=device,
+    seed = derive_seed(cfg["seed"], partition_id, server_round)
+    out, stats = local_sgd(
+        model, arrays, x, target, seed, proximal_mu, device=cfg["device"], **train_kwargs(cfg)
     )
     metrics = {
-        "train_loss": loss,
+        "train_loss": stats["train_loss"],
         "quality": quality,
         "alpha": alpha,
         "partition-id": partition_id,
         "num-examples": len(x),
     }
-    return to_record(model), metrics
+    return out, metrics
+
+
+def client_step(msg: Message, context: Context, cfg: C.RunConfig) -> Message:
+    """The ClientApp's training step of every federated row (FedQual, its ablations, FedAvg,
+    FedProx, local-only), with the server's settings read from the train config:
+
+    - ``q-ref`` / ``alpha-max``: FedQual's calibration reference and largest weight (absent: 0);
+    - ``proximal-mu``: sent by Flower's FedProx (absent: 0);
+    - ``local-only`` (:class:`~flowerbed.strategies.baselines.LocalOnly`): the client continues
+      from its own model (:func:`~flowerbed.common.client.start_arrays` / ``keep_local``).
+    """
+    pid, n = partition_of(context)
+    conf = msg.content["config"]
+    arrays, metrics = local_train(
+        cfg,
+        start_arrays(msg, context),
+        pid,
+        n,
+        int(conf["server-round"]),
+        q_ref=float(config_get(conf, "q-ref", 0.0)),
+        alpha_max=float(config_get(conf, "alpha-max", 0.0)),
+        proximal_mu=float(config_get(conf, "proximal-mu", 0.0)),
+    )
+    keep_local(msg, context, arrays)
+    return Message(content=reply(arrays, **metrics), reply_to=msg)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -294,3 +289,28 @@ def pooled_data(cfg: dict[str, Any], num_partitions: int, clean: bool):
     x = torch.cat([p[0] for p in parts])
     y = torch.cat([p[2] if clean else p[1] for p in parts])
     return x, y
+
+
+def central_fit(cfg: C.RunConfig, num_partitions: int):
+    """``fit(server_round, arrays) -> (arrays, metrics)`` of the centralized rows
+    (:class:`~flowerbed.strategies.baselines.Centralized`): ``local-epochs`` epochs of the
+    shared loop over the pooled data, clean labels when the row has the ``clean`` flag. The
+    data is pooled at the first call."""
+    state: dict[str, Any] = {}
+
+    def fit(server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, float]]:
+        if not state:
+            x, y = pooled_data(cfg, num_partitions, clean=cfg.method.flag("clean", False))
+            state.update(x=x, y=y, model=make_model(cfg, x.shape[1], y.shape[1]))
+        model = load_record(state["model"], arrays)
+        stats = train(
+            model,
+            state["x"],
+            state["y"],
+            generator=set_seed(derive_seed(cfg["seed"], 0xCE, server_round)),
+            device=get_device(cfg["device"]),
+            **train_kwargs(cfg),
+        )
+        return to_record(model), {"train_loss": stats["train_loss"]}
+
+    return fit

@@ -3,7 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from fedqual.ldl import (
+
+from flowerbed.common.testing import app_path
+
+app_path("fedqual")
+from fedqual.ldl import (  # noqa: E402
     calibrated_target,
     client_levels,
     corrupt,
