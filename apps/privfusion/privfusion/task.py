@@ -529,16 +529,6 @@ def fedavg_client(msg, context, cfg: dict[str, Any]):
     pid, n = partition_of(context)
     x, y, nc = party_data(cfg, pid, n)
     model = make_model(cfg, x.shape[1:], nc, 0)
-    return sgd_step(
-        msg,
-        context,
-        model,
-        x,
-        y,
-        cfg["seed"],
-        cfg["device"],
-        epochs=cfg["fedavg-epochs"],
-        batch_size=cfg["batch-size"],
-        lr=cfg["fedavg-lr"],
-        momentum=cfg["momentum"],
-    )
+    sgd = {"epochs": cfg["fedavg-epochs"], "lr": cfg["fedavg-lr"], "momentum": cfg["momentum"]}
+    batch = cfg["batch-size"]
+    return sgd_step(msg, context, model, x, y, cfg["seed"], cfg["device"], batch_size=batch, **sgd)
