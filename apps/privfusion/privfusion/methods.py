@@ -8,7 +8,8 @@
 Flag ``one-shot`` (privfusion): the protocol is one round (whatever ``num-server-rounds`` says,
 whose default 10 is the FedAvg baseline's), its arrays are the MLP's layers and its server-side
 metrics come from the fusion harness (:func:`privfusion.task.fusion_evaluator`). Flag
-``final-prefix``: the prefix of the final metrics in ``results.json`` (``fedavg_accuracy``).
+``final-prefix``: the prefix of the final metrics in ``results.json`` (``fedavg_accuracy``);
+``headline``: the final metric printed at the end of a run.
 """
 
 from flowerbed.common.methods import Method, MethodTable
@@ -30,9 +31,11 @@ METHODS = MethodTable(
         "graph matching to the fusing party, fusion + DP adapter; one round (abstract only: "
         "reconstruction, see README)",
         strategy=make_privfusion,
-        flags={"one-shot": True, "final-prefix": ""},
+        flags={"one-shot": True, "final-prefix": "", "headline": "privfusion_accuracy"},
     ),
     *baseline_methods(
-        "fedavg", client=fedavg_client, **{"one-shot": False, "final-prefix": "fedavg_"}
+        "fedavg",
+        client=fedavg_client,
+        **{"one-shot": False, "final-prefix": "fedavg_", "headline": "fedavg_accuracy"},
     ),
 )

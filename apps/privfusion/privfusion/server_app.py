@@ -51,4 +51,4 @@ def main(grid: Grid, context: Context) -> None:
     final["protocol_time_s"] = sum(
         r.get("round_time_s", 0.0) for r in writer.record["rounds"] if r["round"] > 0
     )
-    finish(writer, final, f"{APP} {cfg['method']}", f"{prefix or 'privfusion_'}accuracy", strategy)
+    finish(writer, final, f"{APP} {cfg['method']}", cfg.method.flag("headline"), strategy)
