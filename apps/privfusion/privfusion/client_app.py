@@ -9,7 +9,7 @@ Message types (the ServerApp only relays them between parties):
                  weights.
 ``train.fuse``   (fusing party) average the aligned models and train the perturbation filter
                  adapter on its own data with DP-SGD; release the fused model and the adapter.
-``train``        plain local SGD from the global model (the FedAvg baseline).
+``train``        the method's client step (``cfg.method.client``: the FedAvg baseline's SGD).
 """
 
 from __future__ import annotations
@@ -22,20 +22,19 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flowerbed.common.client import add_partition_query, partition_of
-from flowerbed.common.records import load_record, reply, to_record
-from flowerbed.common.seeding import derive_seed, set_seed
-from flowerbed.common.train import get_device, train
+from flowerbed.common.records import to_record
+from flowerbed.common.seeding import derive_seed
 from privfusion.matching import average_layers, match, permute_layers
 from privfusion.task import (
     act_sigma,
     activation_stats,
-    arrays_to_layers,
     budget,
     layers_of,
-    layers_to_arrays,
+    layers_record,
     make_model,
     parse_config,
     party_data,
+    record_layers,
     reliable_classes,
     set_layers,
     train_adapter,
@@ -44,10 +43,6 @@ from privfusion.task import (
 
 app = ClientApp()
 add_partition_query(app)
-
-
-def _np(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
 
 
 def _acts_record(acts: list[np.ndarray], counts: np.ndarray) -> ArrayRecord:
@@ -85,9 +80,7 @@ def local(msg: Message, context: Context) -> Message:
         b["delta_act"],
         derive_seed(cfg["seed"], pid, 4),
     )
-    weights = ArrayRecord(
-        {k: torch.from_numpy(v) for k, v in layers_to_arrays(layers_of(model)).items()}
-    )
+    weights = layers_record(layers_of(model))
     # the party keeps its model and its own released statistics for the matching step
     context.state["model"] = weights
     context.state["acts"] = _acts_record(acts, counts)
@@ -122,8 +115,8 @@ def align(msg: Message, context: Context) -> Message:
     cfg = parse_config(context.run_config, n)
     if "model" not in context.state:
         raise RuntimeError(f"party {pid}: train.align before train.local")
-    own = arrays_to_layers(_np(context.state["model"]))
-    ref = arrays_to_layers(_np(msg.content["weights"]))
+    own = record_layers(context.state["model"])
+    ref = record_layers(msg.content["weights"])
     # only released (perturbed) statistics enter the matching, our own included: the permutation
     # is revealed through the aligned weights
     ref_acts, ref_counts = _acts(msg.content["acts"])
@@ -139,7 +132,7 @@ def align(msg: Message, context: Context) -> Message:
         act_weight=cfg["act-weight"],
     )
     aligned = permute_layers(own, perms)
-    arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in layers_to_arrays(aligned).items()})
+    arrays = layers_record(aligned)
     moved = sum(int((p != np.arange(len(p))).sum()) for p in perms)
     content = RecordDict(
         {
@@ -159,22 +152,16 @@ def fuse(msg: Message, context: Context) -> Message:
     cfg = parse_config(context.run_config, n)
     torch.set_num_threads(1)
     models = [
-        arrays_to_layers(_np(rec))
+        record_layers(rec)
         for name, rec in sorted(msg.content.array_records.items())
         if name.startswith("aligned.")
     ]
     if "model" in context.state:
-        models.append(arrays_to_layers(_np(context.state["model"])))
+        models.append(record_layers(context.state["model"]))
     fused_layers = average_layers(models)
     x, _, nc = party_data(cfg, pid, n)
     fused = set_layers(make_model(cfg, x.shape[1:], nc, 0), fused_layers)
-    content = RecordDict(
-        {
-            "fused": ArrayRecord(
-                {k: torch.from_numpy(v) for k, v in layers_to_arrays(fused_layers).items()}
-            )
-        }
-    )
+    content = RecordDict({"fused": layers_record(fused_layers)})
     metrics = {"partition-id": pid, "fused_models": len(models), "eps_adapter": 0.0}
     if cfg["adapter-rank"] > 0:
         adapted, info = train_adapter(cfg, fused, pid, n)
@@ -185,24 +172,10 @@ def fuse(msg: Message, context: Context) -> Message:
 
 
 @app.train()
-def fedavg_train(msg: Message, context: Context) -> Message:
-    """FedAvg baseline: plain local SGD from the global model on this party's data."""
+def train(msg: Message, context: Context) -> Message:
+    """Plain ``train`` messages: the method's client step (the FedAvg baseline)."""
     pid, n = partition_of(context)
     cfg = parse_config(context.run_config, n)
-    rnd = int(msg.content["config"]["server-round"])
-    x, y, nc = party_data(cfg, pid, n)
-    model = load_record(make_model(cfg, x.shape[1:], nc, 0), msg.content["arrays"])
-    stats = train(
-        model,
-        x,
-        y,
-        epochs=cfg["fedavg-epochs"],
-        batch_size=cfg["batch-size"],
-        lr=cfg["fedavg-lr"],
-        momentum=cfg["momentum"],
-        generator=set_seed(derive_seed(cfg["seed"], pid, rnd)),
-        device=get_device(cfg["device"]),
-    )
-    return Message(
-        content=reply(to_record(model), **stats, **{"num-examples": len(x)}), reply_to=msg
-    )
+    if cfg.method.client is None:
+        raise ValueError(f"method={cfg['method']!r} has no client step for plain train messages")
+    return cfg.method.client(msg, context, cfg)

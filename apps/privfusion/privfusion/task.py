@@ -11,18 +11,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, MetricRecord
 from scipy.stats import norm
 from torch import nn
 
 from flowerbed.common import config as C
-from flowerbed.common.client import local_tensors
-from flowerbed.common.data import DataError, available, load_dataset
+from flowerbed.common.client import local_tensors, partition_of, sgd_step
+from flowerbed.common.data import DataError, load_dataset
 from flowerbed.common.models import MLP
-from flowerbed.common.partition import SCHEMES
+from flowerbed.common.records import load_record, to_record
 from flowerbed.common.seeding import derive_seed, set_seed
-from privfusion.matching import MATCHERS
+from flowerbed.common.train import evaluate, get_device
+from privfusion.matching import MATCHERS, average_layers
 
-METHODS = ("privfusion", "fedavg")
 # RDP orders of the accountant: Opacus' defaults extended to large orders, so that the small
 # budgets of the activation/adapter shares (epsilon < 0.3 at delta ~ 1e-6) can be certified.
 # The large orders are sparse: the RDP of an integer order a costs O(a) to evaluate, and a dense
@@ -45,56 +46,55 @@ def _hidden(v: str) -> tuple[int, ...]:
     return tuple(int(s) for s in v.split(",") if s.strip())
 
 
-SCHEMA: dict[str, C.Option] = {
-    "method": C.Option("privfusion", choices=METHODS),
-    "dataset": C.Option("fashion_mnist"),
-    "data-dir": C.Option(""),
-    "partitioner": C.Option("dirichlet", choices=SCHEMES),
-    "alpha": C.Option(1.0, C.positive, "Dirichlet alpha > 0"),
-    "classes-per-partition": C.Option(2, C.positive, "classes per party > 0"),
-    "max-samples": C.Option(0, C.non_negative, "cap on each party's samples >= 0 (0 = all)"),
-    "test-samples": C.Option(0, C.non_negative, "cap on test samples >= 0 (0 = all)"),
-    "hidden": C.Option("32,16", _hidden_ok, 'comma-separated hidden widths, e.g. "32,16"'),
-    "local-epochs": C.Option(5, C.positive, "local epochs > 0"),
-    "batch-size": C.Option(128, C.positive, "batch size > 0"),
-    "lr": C.Option(0.2, C.positive, "learning rate > 0"),
-    "momentum": C.Option(0.0, lambda v: 0 <= v < 1, "momentum in [0, 1)"),
-    "epsilon": C.Option(8.0, C.non_negative, "per-party budget >= 0 (0 = no privacy)"),
-    "delta": C.Option(1e-5, lambda v: 0 < v < 1, "delta in (0, 1)"),
-    "act-frac": C.Option(0.1, lambda v: 0 < v < 1, "share of the budget in (0, 1)"),
-    "adapter-frac": C.Option(0.1, lambda v: 0 <= v < 1, "share of the budget in [0, 1)"),
-    "max-grad-norm": C.Option(1.0, C.positive, "DP-SGD clipping norm > 0"),
-    "act-samples": C.Option(2000, C.positive, "records for activation statistics > 0"),
-    "matcher": C.Option("hungarian", choices=MATCHERS),
-    "act-weight": C.Option(0.5, C.non_negative, "weight of the activation affinity >= 0"),
-    "fusing-party": C.Option(0, C.non_negative, "partition id of the fusing party >= 0"),
-    "adapter-rank": C.Option(4, C.non_negative, "adapter rank >= 0 (0 = no adapter)"),
-    "adapter-epochs": C.Option(1, C.positive, "adapter epochs > 0"),
-    "adapter-lr": C.Option(0.1, C.positive, "adapter learning rate > 0"),
-    "fedavg-rounds": C.Option(10, C.positive, "FedAvg rounds > 0"),
-    "fedavg-epochs": C.Option(1, C.positive, "FedAvg local epochs > 0"),
-    "fedavg-lr": C.Option(0.2, C.positive, "FedAvg learning rate > 0"),
-    "seed": C.Option(42),
-    "results-dir": C.Option(""),
-    "device": C.Option("cpu", choices=("auto", "cpu", "cuda")),
-}
+SCHEMA: dict[str, C.Option] = C.compose(
+    C.SCHEDULE,
+    C.DATA,
+    C.DEVICE,
+    C.RESULTS,
+    {
+        "method": C.Option("privfusion"),  # choices from the method table (privfusion.methods)
+        "max-samples": C.Option(0, C.non_negative, "cap on each party's samples >= 0 (0 = all)"),
+        "test-samples": C.Option(0, C.non_negative, "cap on test samples >= 0 (0 = all)"),
+        "hidden": C.Option("32,16", _hidden_ok, 'comma-separated hidden widths, e.g. "32,16"'),
+        "local-epochs": C.Option(5, C.positive, "local epochs > 0"),
+        "batch-size": C.Option(128, C.positive, "batch size > 0"),
+        "lr": C.Option(0.2, C.positive, "learning rate > 0"),
+        "momentum": C.Option(0.0, lambda v: 0 <= v < 1, "momentum in [0, 1)"),
+        "epsilon": C.Option(8.0, C.non_negative, "per-party budget >= 0 (0 = no privacy)"),
+        "delta": C.Option(1e-5, lambda v: 0 < v < 1, "delta in (0, 1)"),
+        "act-frac": C.Option(0.1, lambda v: 0 < v < 1, "share of the budget in (0, 1)"),
+        "adapter-frac": C.Option(0.1, lambda v: 0 <= v < 1, "share of the budget in [0, 1)"),
+        "max-grad-norm": C.Option(1.0, C.positive, "DP-SGD clipping norm > 0"),
+        "act-samples": C.Option(2000, C.positive, "records for activation statistics > 0"),
+        "matcher": C.Option("hungarian", choices=MATCHERS),
+        "act-weight": C.Option(0.5, C.non_negative, "weight of the activation affinity >= 0"),
+        "fusing-party": C.Option(0, C.non_negative, "partition id of the fusing party >= 0"),
+        "adapter-rank": C.Option(4, C.non_negative, "adapter rank >= 0 (0 = no adapter)"),
+        "adapter-epochs": C.Option(1, C.positive, "adapter epochs > 0"),
+        "adapter-lr": C.Option(0.1, C.positive, "adapter learning rate > 0"),
+        "fedavg-epochs": C.Option(1, C.positive, "FedAvg local epochs > 0"),
+        "fedavg-lr": C.Option(0.2, C.positive, "FedAvg learning rate > 0"),
+    },
+    num_server_rounds=10,
+    alpha=1.0,
+)
 
 
-def parse_config(run_config, num_parties: int | None = None) -> dict[str, Any]:
+def parse_config(run_config, num_parties: int | None = None) -> C.RunConfig:
     """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`).
 
     With ``num_parties`` (known to the ServerApp once the nodes are up, and to every ClientApp
     from its node config) ``fusing-party`` is checked against it too; both call this before any
     work.
     """
-    cfg = C.parse(run_config, SCHEMA)
+    from privfusion.methods import METHODS
+
+    cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("privfusion")}, methods=METHODS)
     if num_parties is not None and cfg["fusing-party"] >= num_parties:
         raise C.ConfigError(
             f"run config fusing-party = {cfg['fusing-party']}: must be a partition id below the "
             f"number of parties ({num_parties})"
         )
-    if cfg["dataset"] not in available():
-        raise DataError(f"unknown dataset {cfg['dataset']!r}; known: {', '.join(available())}")
     if cfg["act-frac"] + cfg["adapter-frac"] >= 1:
         raise C.ConfigError(
             f"run config act-frac + adapter-frac = {cfg['act-frac'] + cfg['adapter-frac']}: "
@@ -457,3 +457,78 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch: int = 4096) -> torch
 
 def accuracy(probs: torch.Tensor, y: torch.Tensor) -> float:
     return float((probs.argmax(1) == y).float().mean())
+
+
+# ------------------------------------------------------------------ records, harness, baseline
+def layers_record(layers) -> ArrayRecord:
+    """``[(W, b), ...]`` as the ArrayRecord the protocol releases (``"<i>.weight"``, float32)."""
+    return ArrayRecord({k: torch.from_numpy(v) for k, v in layers_to_arrays(layers).items()})
+
+
+def record_layers(record: ArrayRecord) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inverse of :func:`layers_record` (float64 layers)."""
+    return arrays_to_layers({k: v.numpy() for k, v in record.items()})
+
+
+def initial_arrays(cfg: dict[str, Any], one_shot: bool) -> ArrayRecord:
+    """The server's model template (init seed 0): layer arrays for the one-shot protocol (the
+    strategy checks replies against it), the state dict for the FedAvg baseline."""
+    bundle = load_dataset(cfg["dataset"], cfg["data-dir"] or None, mmap=True)
+    model = make_model(cfg, bundle.input_shape, bundle.num_classes, 0)
+    return layers_record(layers_of(model)) if one_shot else to_record(model)
+
+
+def global_evaluator(cfg: dict[str, Any]):
+    """``evaluate_fn(round, arrays)`` of the FedAvg baseline on the test split."""
+    x, y, bundle = test_data(cfg)
+    model = make_model(cfg, bundle.input_shape, bundle.num_classes, 0)
+    device = get_device(cfg["device"])
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        return MetricRecord(evaluate(load_record(model, arrays), x, y, device=device))
+
+    return evaluate_fn
+
+
+def fusion_evaluator(cfg: dict[str, Any]):
+    """The experiment's evaluation harness on the test split (injected into the strategy):
+    each party's released model, the output ensemble (mean of softmax outputs), plain weight
+    averaging without matching, matched fusion, and PrivFusion (matched fusion + adapter)."""
+    x, y, bundle = test_data(cfg)
+
+    def model_of(layers) -> MLP:
+        return set_layers(make_model(cfg, bundle.input_shape, bundle.num_classes, 0), layers)
+
+    def evaluate_fusion(parties, fused: ArrayRecord, adapted: ArrayRecord | None):
+        pids = sorted(parties)
+        layers = [record_layers(parties[p]) for p in pids]
+        probs = [predict_proba(model_of(ls), x) for ls in layers]
+        party_acc = {p: accuracy(pr, y) for p, pr in zip(pids, probs, strict=True)}
+        matched = model_of(record_layers(fused))
+        matched_acc = accuracy(predict_proba(matched, x), y)
+        fusion_acc = matched_acc
+        if adapted is not None:
+            model = load_record(AdaptedMLP(matched, cfg["adapter-rank"]), adapted)
+            fusion_acc = accuracy(predict_proba(model, x), y)
+        return {
+            "privfusion_accuracy": fusion_acc,
+            "matched_accuracy": matched_acc,
+            "averaging_accuracy": accuracy(predict_proba(model_of(average_layers(layers)), x), y),
+            "ensemble_accuracy": accuracy(sum(probs) / len(probs), y),
+            "party_best_accuracy": max(party_acc.values()),
+            "party_mean_accuracy": float(np.mean(list(party_acc.values()))),
+            **{f"party{p}_accuracy": a for p, a in party_acc.items()},
+        }
+
+    return evaluate_fusion
+
+
+def fedavg_client(msg, context, cfg: dict[str, Any]):
+    """The FedAvg baseline's client step: the shared SGD step (plain SGD, no clipping, seeded
+    by (seed, partition, round)) from the global model on this party's data."""
+    pid, n = partition_of(context)
+    x, y, nc = party_data(cfg, pid, n)
+    model = make_model(cfg, x.shape[1:], nc, 0)
+    sgd = {"epochs": cfg["fedavg-epochs"], "lr": cfg["fedavg-lr"], "momentum": cfg["momentum"]}
+    batch = cfg["batch-size"]
+    return sgd_step(msg, context, model, x, y, cfg["seed"], cfg["device"], batch_size=batch, **sgd)

@@ -197,3 +197,64 @@ def test_reliable_classes_drops_classes_with_few_noisy_records():
     np.testing.assert_array_equal(reliable_classes(a, b, 0.0), [True, False, False, True])
     # sigma = 5: threshold 15 records
     np.testing.assert_array_equal(reliable_classes(a, b, 5.0), [True, False, False, False])
+
+
+def test_pyproject_agrees_with_schema():
+    from privfusion.task import SCHEMA
+
+    from flowerbed.common.config import check_pyproject
+
+    assert check_pyproject(app_path("privfusion"), SCHEMA) == []
+
+
+def test_method_table_resolves_rows_and_flags():
+    from privfusion.methods import METHODS
+
+    from flowerbed.strategies.baselines import make_fedavg
+    from flowerbed.strategies.privfusion import PrivFusion
+
+    assert METHODS.names == ("privfusion", "fedavg")
+    cfg = parse_config({"dataset": "breast_cancer"})
+    assert cfg.method.flag("one-shot") is True and cfg.method.kind == "reconstruction"
+    strategy = cfg.method.strategy(cfg)
+    assert isinstance(strategy, PrivFusion) and strategy.fusing_party == 0
+    fedavg = parse_config({"method": "fedavg", "num-server-rounds": 3})
+    assert fedavg.method.flag("one-shot") is False and fedavg.method.strategy is make_fedavg
+    assert fedavg.method.client is not None and fedavg["num-server-rounds"] == 3
+    with pytest.raises(ConfigError, match="unknown run config key 'fedavg-rounds'"):
+        parse_config({"fedavg-rounds": 3})  # renamed to num-server-rounds
+
+
+def test_fedavg_client_step_is_the_shared_sgd_step():
+    """The baseline's plain train message runs cfg.method.client: same (seed, party, round)
+    gives the same update, and the update is trained at fedavg-lr."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from privfusion.client_app import train
+    from privfusion.task import initial_arrays
+
+    from flowerbed.common.testing import mock_reply
+
+    run_config = {"method": "fedavg", "dataset": "breast_cancer", "hidden": "8"}
+    cfg = parse_config(run_config)
+    init = initial_arrays(cfg, one_shot=False)
+    content = RecordDict({"arrays": init, "config": ConfigRecord({"server-round": 1})})
+
+    def call(rc):
+        ctx = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0, "num-partitions": 2},
+            state=RecordDict(),
+            run_config=rc,
+        )
+        return train(mock_reply(content), ctx).content
+
+    out = call(run_config)
+    assert out["metrics"]["num-examples"] > 100
+    again = call(run_config)
+    slow = call({**run_config, "fedavg-lr": 0.02})
+    for k in init:
+        np.testing.assert_array_equal(out["arrays"][k].numpy(), again["arrays"][k].numpy())
+    moved = sum(float(np.abs(out["arrays"][k].numpy() - init[k].numpy()).sum()) for k in init)
+    moved_slow = sum(float(np.abs(slow["arrays"][k].numpy() - init[k].numpy()).sum()) for k in init)
+    assert moved > 2 * moved_slow > 0  # fedavg-lr is the step size (not lr)
