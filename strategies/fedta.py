@@ -20,9 +20,13 @@ and ``k.<class>`` with the tail-anchor key it matched, both ``(D,)``). The serve
 - sends back the global pool (``arrays``), the global prototypes (``protos``: ``g.<class>``) and
   the list of frozen classes (config ``frozen-classes``).
 
-The task/round schedule of federated continual learning is driven by the ServerApp
-(``apps/fedta``) with :meth:`FedTA.configure_train` / :meth:`FedTA.aggregate_train`; the train
-config carries the task index and ``bgps-freeze`` (whether BGPS may freeze in this round).
+The federated continual-learning schedule is :class:`ContinualSchedule`, shared by FedTA and the
+baselines (:class:`ContinualFedAvg`): round ``r`` belongs to task ``(r - 1) // rounds_per_task``;
+its train config carries ``task``, ``round-in-task`` and ``bgps-freeze`` (whether BGPS may
+freeze in this round); federated evaluation runs only on the last round of each task, with the
+classes the federation has seen (``seen-classes``); the strategy keeps the per-task evaluations
+and computes the final metrics (``acc_t<k>``, KR_t Eq. 11, KR_s Eq. 12, upload per client and
+round) with :meth:`ContinualSchedule.final_metrics`.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from flowerbed.common.models import prompted_features
-from flowerbed.common.records import check_arrays
+from flowerbed.common.records import check_arrays, wire_nbytes
 from flowerbed.common.seeding import derive_seed
 from flowerbed.strategies.fedavg import FedAvg
 
@@ -209,9 +213,200 @@ def sikf(
     return prompts.detach(), keys, loss_value
 
 
+# ---------------------------------------------------------------------------- KR (Eqs. 11-12)
+def kr_t(acc_first_after_first: dict[int, float], acc_first_now: dict[int, float]) -> float:
+    """Eq. 11: mean over clients of Acc(theta_i^r; T_i^0) / Acc(theta_i^0; T_i^0).
+
+    Clients whose first-task accuracy was 0 (undefined ratio) are left out; NaN if none is left.
+    """
+    ratios = [
+        acc_first_now[i] / a0
+        for i, a0 in acc_first_after_first.items()
+        if i in acc_first_now and a0 > 0
+    ]
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
+def kr_s(acc_global: dict[int, float], acc_local: dict[int, float]) -> float:
+    """Eq. 12: mean over clients of Acc(theta_g^r; T_i^r) / Acc(theta_i^r; T_i^r)."""
+    ratios = [acc_global[i] / a for i, a in acc_local.items() if i in acc_global and a > 0]
+    return float(np.mean(ratios)) if ratios else float("nan")
+
+
+# ---------------------------------------------------------------------------- schedule
+class ScheduleError(ValueError):
+    """A continual-learning schedule that cannot be run (no task, no round per task)."""
+
+
+class ContinualSchedule:
+    """The federated continual-learning schedule, mixed into a FedAvg-based strategy.
+
+    Round ``r`` (1-based) trains task ``(r - 1) // rounds_per_task``, round-in-task
+    ``(r - 1) % rounds_per_task``. The train config of each round gets ``task``,
+    ``round-in-task`` and ``bgps-freeze`` (``round-in-task >= bgps_warmup``). Federated
+    evaluation runs on the last round of each task only (:meth:`configure_evaluate` returns no
+    message otherwise) with ``task`` and ``seen-classes`` (every class a valid training reply
+    listed in its ``info`` ConfigRecord so far). Evaluation replies carry a ``pid`` metric (the
+    client's partition id); the per-client metrics of each task are kept in
+    :attr:`evaluations` and give :meth:`final_metrics`.
+
+    Parameters
+    ----------
+    num_tasks : int, default 1
+        Tasks of the stream.
+    rounds_per_task : int, default 1
+        Federated rounds per task.
+    bgps_warmup : int, default 0
+        Rounds of each task before BGPS may freeze a prototype.
+    **kwargs
+        Passed to the next class of the MRO (:class:`flowerbed.strategies.fedavg.FedAvg`).
+
+    Raises
+    ------
+    ScheduleError
+        If ``num_tasks`` or ``rounds_per_task`` is below 1 or ``bgps_warmup`` is negative.
+    """
+
+    def __init__(
+        self, num_tasks: int = 1, rounds_per_task: int = 1, bgps_warmup: int = 0, **kwargs
+    ) -> None:
+        if num_tasks < 1 or rounds_per_task < 1:
+            raise ScheduleError(
+                f"num_tasks={num_tasks!r} and rounds_per_task={rounds_per_task!r} must be >= 1"
+            )
+        if bgps_warmup < 0:
+            raise ScheduleError(f"bgps_warmup={bgps_warmup!r} must be >= 0")
+        super().__init__(**kwargs)
+        self.num_tasks = num_tasks
+        self.rounds_per_task = rounds_per_task
+        self.bgps_warmup = bgps_warmup
+        self.seen: set[int] = set()
+        self.evaluations: dict[int, dict[int, dict]] = {}
+        self.uploads: list[int] = []
+        self.upload_values = 0
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        super().summary()
+        log(
+            INFO,
+            "\t└──> Continual schedule: %d tasks x %d rounds (BGPS may freeze from round %d)",
+            self.num_tasks,
+            self.rounds_per_task,
+            self.bgps_warmup,
+        )
+
+    # ------------------------------------------------------------------ schedule
+    def position(self, server_round: int) -> tuple[int, int]:
+        """``(task, round-in-task)`` of ``server_round`` (1-based rounds, 0-based tasks)."""
+        return divmod(server_round - 1, self.rounds_per_task)
+
+    def may_freeze(self, server_round: int) -> bool:
+        """Whether BGPS may freeze prototypes in ``server_round``."""
+        return self.position(server_round)[1] >= self.bgps_warmup
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The round's task, round-in-task and ``bgps-freeze`` in ``config``, then FedAvg's."""
+        task, rit = self.position(server_round)
+        config["task"] = task
+        config["round-in-task"] = rit
+        config["bgps-freeze"] = self.may_freeze(server_round)
+        self._round(server_round).update({"task": task, "round_in_task": rit})
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def filter_replies(
+        self, server_round: int, replies: Iterable[Message], is_train: bool
+    ) -> list[Message]:
+        """FedAvg's checks; valid training replies add their classes to :attr:`seen` and their
+        size (:func:`~flowerbed.common.records.wire_nbytes`, values) to the upload record."""
+        good = super().filter_replies(server_round, replies, is_train)
+        if is_train:
+            for m in good:
+                if "info" in m.content.config_records:
+                    self.seen.update(int(c) for c in m.content["info"]["classes"])
+                self.uploads.append(wire_nbytes(m.content))
+                values = sum(
+                    int(np.prod(a.shape))
+                    for rec in m.content.array_records.values()
+                    for a in rec.values()
+                )
+                self.upload_values = max(self.upload_values, values)
+        return good
+
+    # ------------------------------------------------------------------ evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation messages on the last round of a task (``task``, ``seen-classes``), else
+        none."""
+        task, rit = self.position(server_round)
+        if rit != self.rounds_per_task - 1:
+            return []
+        config["task"] = task
+        config["seen-classes"] = sorted(self.seen)
+        return super().configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Keep each client's metrics for the task; the mean accuracy over clients."""
+        good = self.filter_replies(server_round, replies, is_train=False)
+        if not good:
+            return None
+        task = self.position(server_round)[0]
+        per: dict[int, dict] = {}
+        for m in good:
+            metrics = dict(m.content["metrics"])
+            per[int(metrics.pop("pid"))] = metrics
+        self.evaluations[task] = per
+        acc = float(np.mean([m["acc"] for m in per.values()]))
+        self._round(server_round).update(
+            {"eval_task": task, "acc": acc, "per_client": {str(i): m for i, m in per.items()}}
+        )
+        return MetricRecord({"acc": acc, "task": task})
+
+    def final_metrics(self) -> dict[str, float]:
+        """``acc_t<k>`` (mean over clients after task k), ``kr_t``, ``kr_s``, ``accuracy`` (after
+        the last evaluated task) and the mean upload per client and round (bytes, values)."""
+        final: dict[str, float] = {}
+        tasks = sorted(self.evaluations)
+        for t in tasks:
+            final[f"acc_t{t + 1}"] = float(
+                np.mean([m["acc"] for m in self.evaluations[t].values()])
+            )
+        if tasks:
+            first, last = self.evaluations[tasks[0]], self.evaluations[tasks[-1]]
+            final["kr_t"] = kr_t(
+                {i: m["acc_first"] for i, m in first.items()},
+                {i: m["acc_first"] for i, m in last.items()},
+            )
+            final["kr_s"] = kr_s(
+                {i: m["acc_cur_global"] for i, m in last.items()},
+                {i: m["acc_cur_local"] for i, m in last.items() if "acc_cur_local" in m},
+            )
+            final["accuracy"] = final[f"acc_t{tasks[-1] + 1}"]
+        final["upload_bytes_per_client_round"] = (
+            float(np.mean(self.uploads)) if self.uploads else 0.0
+        )
+        final["upload_values_per_client_round"] = float(self.upload_values)
+        return final
+
+
+class ContinualFedAvg(ContinualSchedule, FedAvg):
+    """flowerbed's guarded FedAvg on the continual schedule (the l2p / fedvit / fedavg baselines).
+
+    Parameters
+    ----------
+    **kwargs
+        Passed to :class:`ContinualSchedule` and :class:`flowerbed.strategies.fedavg.FedAvg`.
+    """
+
+
 # ---------------------------------------------------------------------------- strategy
-class FedTA(FedAvg):
-    """FedTA server strategy (SIKF + BGPS) on top of flowerbed's guarded FedAvg.
+class FedTA(ContinualSchedule, FedAvg):
+    """FedTA server strategy (SIKF + BGPS) on the continual schedule and flowerbed's FedAvg.
 
     Parameters
     ----------
@@ -236,7 +431,8 @@ class FedTA(FedAvg):
     seed : int, default 0
         Seed of the random choice of the SIKF target pool (per round).
     **kwargs
-        Passed to :class:`flowerbed.strategies.fedavg.FedAvg` (``fraction_train``,
+        Passed to :class:`ContinualSchedule` (``num_tasks``, ``rounds_per_task``,
+        ``bgps_warmup``) and :class:`flowerbed.strategies.fedavg.FedAvg` (``fraction_train``,
         ``min_train_nodes``, ``max_update_norm``, ``min_train_replies``, ...).
     """
 
@@ -267,7 +463,6 @@ class FedTA(FedAvg):
         self.seed = seed
         self.global_protos: dict[int, np.ndarray] = {}
         self.frozen: set[int] = set()
-        self._freeze_ok = True
 
     def summary(self) -> None:
         """Log the configuration."""
@@ -293,13 +488,6 @@ class FedTA(FedAvg):
         """Train/evaluate content: the global pool, the global prototypes and ``config``."""
         config["frozen-classes"] = sorted(self.frozen)
         return RecordDict({"arrays": arrays, "protos": self.protos_record(), "config": config})
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the global pool, the global prototypes and ``config`` to the sampled nodes."""
-        self._freeze_ok = bool(config.get("bgps-freeze", True))
-        return super().configure_train(server_round, arrays, config, grid)
 
     # ------------------------------------------------------------------ checks
     def check_reply(self, msg: Message, is_train: bool) -> str | None:
@@ -370,7 +558,11 @@ class FedTA(FedAvg):
         ]
         if self.use_bgps:
             self.global_protos, self.frozen, scores = bgps(
-                local, self.global_protos, self.frozen, self.bgps_thr, self._freeze_ok
+                local,
+                self.global_protos,
+                self.frozen,
+                self.bgps_thr,
+                self.may_freeze(server_round),
             )
             if scores:
                 extra["bgps_mean_score"] = float(np.mean(list(scores.values())))

@@ -1,4 +1,5 @@
-"""FedTA strategy with mock replies: BGPS, SIKF, reply checks (no Ray, no network)."""
+"""FedTA strategy with mock replies: BGPS, SIKF, reply checks, the continual schedule and its
+final metrics (no Ray, no network)."""
 
 import numpy as np
 import pytest
@@ -6,8 +7,17 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.common.models import TinyViT, freeze, prompted_features
+from flowerbed.common.records import wire_nbytes
 from flowerbed.common.testing import FakeGrid, mock_reply
-from flowerbed.strategies.fedta import FedTA, average_pools, bgps, mean_prototypes, sikf
+from flowerbed.strategies.fedta import (
+    ContinualFedAvg,
+    FedTA,
+    ScheduleError,
+    average_pools,
+    bgps,
+    mean_prototypes,
+    sikf,
+)
 
 F32 = np.float32
 
@@ -195,3 +205,82 @@ def test_strategy_keeps_state_when_all_replies_are_bad():
     s = _strategy()
     arrays, metrics = s.aggregate_train(1, [mock_reply(error="boom", node_id=1)])
     assert arrays is None and metrics is None and s.history[1]["num_failures"] == 1
+
+
+# ---------------------------------------------------------------- the continual schedule
+def _base_reply(node, value, n, classes, **metrics):
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.full(2, value, F32))}),
+            "metrics": MetricRecord({"num-examples": n, **metrics}),
+            "info": ConfigRecord({"classes": list(classes)}),
+        }
+    )
+    return mock_reply(content, node_id=node)
+
+
+def _eval_reply(node, pid, acc, first, cur, local=None):
+    m = {"acc": acc, "acc_first": first, "acc_cur_global": cur, "num-examples": 10, "pid": pid}
+    if local is not None:
+        m["acc_cur_local"] = local
+    return mock_reply(RecordDict({"metrics": MetricRecord(m)}), node_id=node)
+
+
+def test_schedule_tasks_rounds_freeze_and_evaluation_only_after_each_task():
+    s = ContinualFedAvg(num_tasks=2, rounds_per_task=3, bgps_warmup=1, min_available_nodes=1)
+    g = ArrayRecord({"w": Array(np.zeros(2, F32))})
+    grid = FakeGrid([1, 2])
+    want = {1: (0, 0, False), 2: (0, 1, True), 3: (0, 2, True), 4: (1, 0, False), 6: (1, 2, True)}
+    for rnd, (task, rit, may) in want.items():
+        conf = list(s.configure_train(rnd, g, ConfigRecord(), grid))[0].content["config"]
+        assert (conf["task"], conf["round-in-task"], conf["bgps-freeze"]) == (task, rit, may)
+        assert s.may_freeze(rnd) is may
+        evals = list(s.configure_evaluate(rnd, g, ConfigRecord(), grid))
+        assert len(evals) == (2 if rit == 2 else 0)  # last round of the task only
+    # seen classes: those of the valid training replies so far
+    s.configure_train(1, g, ConfigRecord(), grid)
+    s.aggregate_train(1, [_base_reply(1, 1.0, 10, [3, 4]), _base_reply(2, 3.0, 30, [4, 7])])
+    conf = list(s.configure_evaluate(3, g, ConfigRecord(), grid))[0].content["config"]
+    assert list(conf["seen-classes"]) == [3, 4, 7] and conf["task"] == 0
+    with pytest.raises(ScheduleError, match="rounds_per_task=0"):
+        ContinualFedAvg(num_tasks=2, rounds_per_task=0)
+
+
+def test_schedule_final_metrics_hand_computed():
+    s = ContinualFedAvg(num_tasks=2, rounds_per_task=1, min_available_nodes=1)
+    g = ArrayRecord({"w": Array(np.zeros(2, F32))})
+    for rnd in (1, 2):
+        list(s.configure_train(rnd, g, ConfigRecord(), FakeGrid([1, 2])))
+        arrays, metrics = s.aggregate_train(
+            rnd, [_base_reply(1, 1.0, 10, [0]), _base_reply(2, 3.0, 30, [1])]
+        )
+        np.testing.assert_allclose(arrays["w"].numpy(), (10 * 1.0 + 30 * 3.0) / 40)
+    # task 0: client pids 5, 6 (node ids differ from pids)
+    m = s.aggregate_evaluate(
+        1, [_eval_reply(1, 5, 0.8, 0.8, 0.8), _eval_reply(2, 6, 0.4, 0.5, 0.4)]
+    )
+    assert m["acc"] == pytest.approx(0.6) and s.history[1]["eval_task"] == 0
+    s.aggregate_evaluate(
+        2,
+        [_eval_reply(1, 5, 0.5, 0.4, 0.6, local=0.8), _eval_reply(2, 6, 0.3, 0.5, 0.2, local=0.4)],
+    )
+    final = s.final_metrics()
+    assert final["acc_t1"] == pytest.approx(0.6) and final["acc_t2"] == pytest.approx(0.4)
+    assert final["accuracy"] == final["acc_t2"]
+    assert final["kr_t"] == pytest.approx((0.4 / 0.8 + 0.5 / 0.5) / 2)  # Eq. 11, pid-matched
+    assert final["kr_s"] == pytest.approx((0.6 / 0.8 + 0.2 / 0.4) / 2)  # Eq. 12
+    sizes = [
+        wire_nbytes(_base_reply(n, v, k, [c]).content)
+        for n, v, k, c in ((1, 1.0, 10, 0), (2, 3.0, 30, 1))
+    ]
+    assert final["upload_bytes_per_client_round"] == pytest.approx(np.mean(sizes))
+    assert final["upload_values_per_client_round"] == 2
+    assert "pid" not in s.history[2]["per_client"]["5"]
+
+
+def test_fedta_freezes_only_from_bgps_warmup():
+    # two orthogonal prototypes: row means (1 + 0) / 2 = 0.5 < thr = 0.9, frozen if allowed
+    for warmup, frozen in ((1, set()), (0, {0, 1})):
+        s = _strategy(bgps_thr=0.9, rounds_per_task=2, bgps_warmup=warmup, sikf_steps=0)
+        s.aggregate_train(1, [_reply(1, *_pool(1), {"p.0": np.eye(8)[0], "p.1": np.eye(8)[1]})])
+        assert s.frozen == frozen

@@ -3,7 +3,8 @@
 Kept in ``context.state`` across rounds (never in globals): the task stream (``stream``), the
 private tail anchors, their keys, gate and head (``personal``, FedTA methods), the parameters of
 the last local training (``local``: the client's own model, for KR_s) and its last local
-prototypes (``local-protos``).
+prototypes (``local-protos``). The training step of each method is its row's ``client`` in
+:data:`fedta.methods.METHODS` (:func:`fedta_step` or :func:`baseline_step`).
 """
 
 from __future__ import annotations
@@ -41,16 +42,18 @@ def stream_of(context: Context, cfg, pid: int) -> list[list[int]]:
     return [flat[i : i + k] for i in range(0, len(flat), k)]
 
 
-def client_data(cfg, pid: int, n: int):
+def client_data(cfg, pid: int, n: int) -> dict:
+    """This client's ``{class: train indices}`` (the run config's ``partitioner``)."""
     return D.client_indices(
         cfg["data-dir"],
         cfg["pretrain-size"],
         cfg["surrogate-per-class"],
         n,
-        cfg["samples-per-class"],
-        cfg["min-samples"],
-        cfg["alpha"],
+        cfg["partitioner"],
         cfg["seed"],
+        alpha=cfg["alpha"],
+        samples_per_class=cfg["samples-per-class"],
+        min_samples=cfg["min-samples"],
     )[pid]
 
 
@@ -60,46 +63,60 @@ def personal_of(context: Context, cfg, dim: int, pid: int) -> dict[str, torch.Te
     return T.initial_personal(cfg, dim, pid)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg = T.parse_config(context.run_config)
+def _task_data(msg: Message, context: Context, cfg):
+    """This round's task data, the frozen backbone and the (seed, partition, round) generator."""
     pid, n = partition_of(context)
     conf = msg.content["config"]
-    task, rnd = int(conf["task"]), int(conf["server-round"])
-    classes = stream_of(context, cfg, pid)[task]
+    classes = stream_of(context, cfg, pid)[int(conf["task"])]
     x, y = D.train_tensors(cfg["data-dir"], client_data(cfg, pid, n), classes)
-    backbone = load_backbone(cfg)
-    shared = T.tensors_of(msg.content["arrays"])
-    gen = set_seed(derive_seed(cfg["seed"], pid, rnd))
-    if cfg["method"] in T.FEDTA_METHODS:
-        protos = T.protos_from_record(msg.content["protos"])
-        personal = personal_of(context, cfg, backbone.dim, pid)
-        res = T.train_fedta(
-            cfg,
-            backbone,
-            shared,
-            personal,
-            protos,
-            x,
-            y,
-            gen,
-            use_ta=cfg["method"] != "fedta-no-ta",
-        )
-        context.state["personal"] = T.record_of(res.personal)
-        context.state["local-protos"] = T.record_of({f"p.{c}": v for c, v in res.protos.items()})
-    else:
-        res = T.train_baseline(cfg, backbone, shared, x, y, gen)
+    backbone = load_backbone(cfg)  # before the seed: building it (first use) reseeds torch
+    gen = set_seed(derive_seed(cfg["seed"], pid, int(conf["server-round"])))
+    return pid, classes, x, y, backbone, gen
+
+
+def _reply(msg: Message, context: Context, res: T.LocalResult, classes, n: int) -> RecordDict:
     context.state["local"] = T.record_of(res.upload)
-    content = RecordDict(
+    return RecordDict(
         {
             "arrays": T.record_of(res.upload),
-            "metrics": MetricRecord({**res.metrics, "num-examples": len(x), "pid": pid}),
+            "metrics": MetricRecord({**res.metrics, "num-examples": n}),
             "info": ConfigRecord({"classes": T.as_list(classes)}),
         }
     )
-    if cfg["method"] in T.FEDTA_METHODS:
-        content["protos"] = T.protos_to_record(res.protos, res.proto_keys)
+
+
+def fedta_step(msg: Message, context: Context, cfg) -> Message:
+    """FedTA's local training (stages 1 and 2, prototypes); uploads pool and prototypes."""
+    pid, classes, x, y, backbone, gen = _task_data(msg, context, cfg)
+    res = T.train_fedta(
+        cfg,
+        backbone,
+        T.tensors_of(msg.content["arrays"]),
+        personal_of(context, cfg, backbone.dim, pid),
+        T.protos_from_record(msg.content["protos"]),
+        x,
+        y,
+        gen,
+        use_ta=cfg.method.flag("ta"),
+    )
+    context.state["personal"] = T.record_of(res.personal)
+    context.state["local-protos"] = T.record_of({f"p.{c}": v for c, v in res.protos.items()})
+    content = _reply(msg, context, res, classes, len(x))
+    content["protos"] = T.protos_to_record(res.protos, res.proto_keys)
     return Message(content=content, reply_to=msg)
+
+
+def baseline_step(msg: Message, context: Context, cfg) -> Message:
+    """A baseline's local training (l2p, fedvit, fedavg) on the current task."""
+    _, classes, x, y, backbone, gen = _task_data(msg, context, cfg)
+    res = T.train_baseline(cfg, backbone, T.tensors_of(msg.content["arrays"]), x, y, gen)
+    return Message(content=_reply(msg, context, res, classes, len(x)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = T.parse_config(context.run_config)
+    return cfg.method.client(msg, context, cfg)
 
 
 @app.evaluate()
@@ -115,7 +132,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     stream = stream_of(context, cfg, pid)
     backbone = load_backbone(cfg)
     shared = T.tensors_of(msg.content["arrays"])
-    fedta = cfg["method"] in T.FEDTA_METHODS
+    fedta = cfg.method.flag("prototypes")
     personal = personal_of(context, cfg, backbone.dim, pid) if fedta else {}
     protos = T.protos_from_record(msg.content["protos"]) if fedta else {}
     mine = sorted(c for t in stream[: task + 1] for c in t)

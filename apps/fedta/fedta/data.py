@@ -1,15 +1,17 @@
 """Data layout of the FedTA app on Fashion-MNIST: disjoint slices and class-incremental streams.
 
-The Fashion-MNIST train split (60,000 images) is shuffled once with the FIXED seed
-:data:`SPLIT_SEED` (independent of the run seed, so every run and seed shares one backbone
+The Fashion-MNIST train split (60,000 images) is shuffled once with flowerbed's FIXED split
+seed :data:`flowerbed.common.data.SPLIT_SEED` (independent of the run seed, so every run and seed shares one backbone
 checkpoint and the slices never overlap) and cut, by index, into
 
 1. ``pretrain``: the first ``pretrain-size`` shuffled images: the backbone's pre-training data;
 2. ``surrogate``: the next images, ``surrogate-per-class`` of each class: the server's SIKF set;
 3. ``pool``: everything after: the clients' data.
 
-Clients (Reconstruction of the paper's private/public layout for 10 classes): for every class,
-the first ``samples-per-class`` pool images of that class are split among the clients in
+Clients (Reconstruction of the paper's private/public layout for 10 classes): the pool is split by
+the run config's ``partitioner`` (:func:`flowerbed.common.partition.partition_indices`); the
+default, ``per-class-dirichlet`` (:class:`PerClassDirichletPartitioner`, registered here), splits
+the first ``samples-per-class`` pool images of every class among the clients in
 Dirichlet(``alpha``) proportions (at least ``min-samples`` each, run seed), so every client holds
 every class, in skewed amounts (spatial heterogeneity). Each client draws its own random order of
 the classes (``task-order = "random"``; "same" gives every client the order 0..9) and learns them
@@ -25,12 +27,14 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from flwr_datasets.partitioner import Partitioner
 
-from flowerbed.common.data import DataError, load_dataset
+from flowerbed.common.data import SPLIT_SEED, DataError, load_dataset
+from flowerbed.common.partition import partition_indices, register_partitioner
 from flowerbed.common.seeding import derive_seed
 
-SPLIT_SEED = 0xFED7A  # fixed: the pre-training / surrogate / client slices never move
 DATASET = "fashion_mnist"
+PARTITIONER = "per-class-dirichlet"
 
 
 def bundle(data_dir: str = ""):
@@ -75,34 +79,106 @@ def dirichlet_counts(
     return counts + min_samples
 
 
+class PerClassDirichletPartitioner(Partitioner):
+    """Per class, the first ``samples_per_class`` rows of that class split over the partitions
+    in Dirichlet(``alpha``) proportions, at least ``min_samples`` each (:func:`dirichlet_counts`,
+    one generator per class seeded by ``(seed, class)``); rows beyond that are left out.
+
+    Parameters
+    ----------
+    num_partitions : int
+        Number of partitions (clients).
+    alpha : float
+        Dirichlet concentration.
+    samples_per_class : int
+        Rows of each class handed out.
+    min_samples : int
+        Minimum rows of each class per partition.
+    seed : int
+        Run seed.
+    partition_by : str, default "label"
+        Column with the class labels.
+    """
+
+    def __init__(
+        self,
+        num_partitions: int,
+        alpha: float,
+        samples_per_class: int,
+        min_samples: int,
+        seed: int,
+        partition_by: str = "label",
+    ) -> None:
+        super().__init__()
+        self._num_partitions = num_partitions
+        self.alpha = alpha
+        self.samples_per_class = samples_per_class
+        self.min_samples = min_samples
+        self.seed = seed
+        self.partition_by = partition_by
+        self._rows: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def _split(self) -> list[np.ndarray]:
+        labels = np.asarray(self.dataset[self.partition_by])
+        out: list[list[np.ndarray]] = [[] for _ in range(self._num_partitions)]
+        for c in np.unique(labels):
+            rows = np.flatnonzero(labels == c)
+            if len(rows) < self.samples_per_class:
+                raise DataError(
+                    f"samples-per-class={self.samples_per_class}: class {c} has only "
+                    f"{len(rows)} client images"
+                )
+            rng = np.random.default_rng(derive_seed(self.seed, int(c), 0xD1C))
+            counts = dirichlet_counts(
+                self.samples_per_class, self._num_partitions, self.alpha, self.min_samples, rng
+            )
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            for i in range(self._num_partitions):
+                out[i].append(rows[bounds[i] : bounds[i + 1]])
+        return [np.sort(np.concatenate(p)) for p in out]
+
+    def load_partition(self, partition_id: int):
+        """The rows of partition ``partition_id``."""
+        if self._rows is None:
+            self._rows = self._split()
+        return self.dataset.select(self._rows[partition_id])
+
+
+@register_partitioner(PARTITIONER)
+def _per_class_dirichlet(num_partitions: int, seed: int, **kw) -> PerClassDirichletPartitioner:
+    return PerClassDirichletPartitioner(
+        num_partitions,
+        alpha=float(kw.get("alpha", 0.5)),
+        samples_per_class=int(kw.get("samples_per_class", 300)),
+        min_samples=int(kw.get("min_samples", 10)),
+        seed=seed,
+    )
+
+
 @lru_cache(maxsize=4)
 def client_indices(
     data_dir: str,
     pretrain_size: int,
     surrogate_per_class: int,
     num_clients: int,
-    samples_per_class: int,
-    min_samples: int,
-    alpha: float,
+    partitioner: str,
     seed: int,
+    **options,
 ) -> tuple[dict[int, np.ndarray], ...]:
-    """Per client, ``{class: train indices}`` from the pool (disjoint between clients)."""
+    """Per client, ``{class: train indices}``: the pool split by the registered ``partitioner``
+    (disjoint between clients; ``options`` go to its factory)."""
     b = bundle(data_dir)
     y = np.asarray(b.y_train)
     pool = slices(data_dir, pretrain_size, surrogate_per_class)["pool"]
-    out: list[dict[int, np.ndarray]] = [{} for _ in range(num_clients)]
-    for c in range(b.num_classes):
-        idx = pool[y[pool] == c]
-        if len(idx) < samples_per_class:
-            raise DataError(
-                f"samples-per-class={samples_per_class}: class {c} has only {len(idx)} "
-                "client images"
-            )
-        rng = np.random.default_rng(derive_seed(seed, c, 0xD1C))
-        counts = dirichlet_counts(samples_per_class, num_clients, alpha, min_samples, rng)
-        bounds = np.concatenate([[0], np.cumsum(counts)])
-        for i in range(num_clients):
-            out[i][c] = np.sort(idx[bounds[i] : bounds[i + 1]])
+    parts = partition_indices(y[pool], num_clients, partitioner, seed=seed, **options)
+    out = []
+    for rows in parts:
+        idx = pool[rows]
+        out.append({c: np.sort(idx[y[idx] == c]) for c in range(b.num_classes)})
     return tuple(out)
 
 
@@ -159,3 +235,9 @@ def tensors_at(data_dir: str, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(np.asarray(b.x_train[idx])), torch.from_numpy(
         np.asarray(b.y_train[idx])
     )
+
+
+def surrogate(cfg) -> torch.Tensor:
+    """The server's SIKF surrogate images (the ``surrogate`` slice)."""
+    s = slices(cfg["data-dir"], cfg["pretrain-size"], cfg["surrogate-per-class"])
+    return tensors_at(cfg["data-dir"], s["surrogate"])[0]

@@ -1,15 +1,13 @@
 """FedTA app: run-config schema and the client-side methods (FedTA, its ablations, baselines).
 
-Methods (run-config ``method``):
+The methods (run-config ``method``) are the rows of :data:`fedta.methods.METHODS`; the code here
+reads their flags (``cfg.method.flag(...)``):
 
-``fedta``           prompt pool (Eqs. 1-3) + tail anchors (Eqs. 4-6) + prototypes (Eq. 7);
-                    server SIKF + BGPS (:mod:`flowerbed.strategies.fedta`)
-``fedta-no-ta``     no tail anchors: prototypes and predictions on the prompted features
-``fedta-no-sikf``   server averages the prompt pools instead of SIKF
-``fedta-no-bgps``   server takes the mean prototype per class instead of BGPS (no freezing)
-``l2p``             prompt pool + head (Eq. 3), both FedAvg-averaged (FedL2P-style)
-``fedvit``          frozen backbone, linear head only, FedAvg-averaged
-``fedavg``          the whole ViT (from the pre-trained checkpoint) + head fine-tuned, FedAvg
+``prototypes``  FedTA's client: prompt pool (Eqs. 1-3), tail anchors (``ta``, Eqs. 4-6) and
+                prototypes (Eq. 7); the server runs SIKF (``sikf``) and BGPS (``bgps``)
+``prompts``     an L2P prompt pool (+ keys) is part of the shared parameters
+``head``        a linear head is part of the shared parameters (l2p, fedvit, fedavg)
+``finetune``    the whole ViT is shared and fine-tuned (fedavg)
 
 All methods share the frozen pre-trained backbone checkpoint (``fedavg`` starts from it and
 unfreezes it). Predictions are restricted to the classes seen by the federation so far.
@@ -20,69 +18,76 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from flwr.app import Array, ArrayRecord
 
+from fedta.data import PARTITIONER
 from flowerbed.common import config as C
 from flowerbed.common.models import TinyViT, cosine_distance, prompted_features
 from flowerbed.common.seeding import derive_seed, set_seed
 
-METHODS = ("fedta", "fedta-no-ta", "fedta-no-sikf", "fedta-no-bgps", "l2p", "fedvit", "fedavg")
-FEDTA_METHODS = METHODS[:4]
+SCHEMA: dict[str, C.Option] = C.compose(
+    C.SCHEDULE,
+    {k: C.DATA[k] for k in ("data-dir", "partitioner", "alpha")},
+    {k: C.TRAIN[k] for k in ("local-epochs", "batch-size", "lr")},
+    C.DEVICE,
+    C.RESULTS,
+    {
+        # --- method and schedule (rounds per task = num-server-rounds / num-tasks)
+        "method": C.Option("fedta"),  # choices from the method table (fedta.methods)
+        "num-tasks": C.Option(5, C.positive, "tasks > 0"),
+        "classes-per-task": C.Option(2, C.positive, "classes per task > 0"),
+        "fedavg-lr": C.Option(0.001, C.positive, "Adam learning rate > 0 (fedavg full fine-tune)"),
+        # --- data
+        "task-order": C.Option("random", choices=("random", "same")),
+        "samples-per-class": C.Option(300, C.positive, "images per class over all clients > 0"),
+        "min-samples": C.Option(10, C.positive, "images per class per client > 0"),
+        "test-per-class": C.Option(100, C.positive, "test images per class > 0"),
+        "pretrain-size": C.Option(6000, C.positive, "pre-training images > 0"),
+        "pretrain-epochs": C.Option(3, C.positive, "pre-training epochs > 0"),
+        "surrogate-per-class": C.Option(20, C.positive, "surrogate images per class > 0"),
+        # --- backbone
+        "vit-patch": C.Option(7, lambda v: v in (2, 4, 7, 14), "patch size dividing 28"),
+        "vit-dim": C.Option(64, C.positive, "embedding dim > 0"),
+        "vit-depth": C.Option(2, C.positive, "transformer blocks > 0"),
+        "vit-heads": C.Option(4, C.positive, "attention heads > 0 dividing vit-dim"),
+        # --- FedTA client
+        "pool-size": C.Option(10, C.positive, "prompt pool entries M > 0"),
+        "prompt-length": C.Option(2, C.positive, "tokens per prompt > 0"),
+        "top-n": C.Option(3, C.positive, "prompts selected per input N > 0"),
+        "num-anchors": C.Option(20, C.positive, "tail anchors > 0"),
+        "mix": C.Option("add", choices=("add", "gated")),
+        "lambda1": C.Option(1.0, C.non_negative, "key-matching weight >= 0"),
+        "lambda2": C.Option(1.0, C.non_negative, "prototype contrastive weight >= 0"),
+        "lambda3": C.Option(1.0, C.non_negative, "anchor-key weight >= 0"),
+        "tau": C.Option(0.1, C.positive, "temperature > 0"),
+        "classifier": C.Option("prototype", choices=("prototype", "head")),
+        # --- FedTA server
+        "sikf-steps": C.Option(5, C.non_negative, "SIKF Adam steps >= 0"),
+        "sikf-lr": C.Option(0.001, C.positive, "SIKF learning rate > 0"),
+        "bgps-thr": C.Option(0.5, lambda v: -1 <= v <= 1, "threshold in [-1, 1]"),
+        "bgps-warmup": C.Option(1, C.non_negative, "rounds of a task before BGPS may freeze >= 0"),
+    },
+    num_server_rounds=10,
+    fraction_evaluate=1.0,
+    partitioner=PARTITIONER,
+    local_epochs=2,
+    lr=0.01,
+)
 
-SCHEMA: dict[str, C.Option] = {
-    # --- method and schedule
-    "method": C.Option("fedta", choices=METHODS),
-    "num-tasks": C.Option(5, C.positive, "tasks > 0"),
-    "classes-per-task": C.Option(2, C.positive, "classes per task > 0"),
-    "rounds-per-task": C.Option(2, C.positive, "rounds per task > 0"),
-    "local-epochs": C.Option(2, C.positive, "local epochs per stage > 0"),
-    "batch-size": C.Option(32, C.positive, "batch size > 0"),
-    "lr": C.Option(0.01, C.positive, "Adam learning rate > 0 (prompts, anchors, heads)"),
-    "fedavg-lr": C.Option(0.001, C.positive, "Adam learning rate > 0 (fedavg full fine-tune)"),
-    # --- data
-    "data-dir": C.Option(""),
-    "task-order": C.Option("random", choices=("random", "same")),
-    "alpha": C.Option(0.5, C.positive, "Dirichlet alpha > 0"),
-    "samples-per-class": C.Option(300, C.positive, "images per class over all clients > 0"),
-    "min-samples": C.Option(10, C.positive, "images per class per client > 0"),
-    "test-per-class": C.Option(100, C.positive, "test images per class > 0"),
-    "pretrain-size": C.Option(6000, C.positive, "pre-training images > 0"),
-    "pretrain-epochs": C.Option(3, C.positive, "pre-training epochs > 0"),
-    "surrogate-per-class": C.Option(20, C.positive, "surrogate images per class > 0"),
-    # --- backbone
-    "vit-patch": C.Option(7, lambda v: v in (2, 4, 7, 14), "patch size dividing 28"),
-    "vit-dim": C.Option(64, C.positive, "embedding dim > 0"),
-    "vit-depth": C.Option(2, C.positive, "transformer blocks > 0"),
-    "vit-heads": C.Option(4, C.positive, "attention heads > 0 dividing vit-dim"),
-    # --- FedTA client
-    "pool-size": C.Option(10, C.positive, "prompt pool entries M > 0"),
-    "prompt-length": C.Option(2, C.positive, "tokens per prompt > 0"),
-    "top-n": C.Option(3, C.positive, "prompts selected per input N > 0"),
-    "num-anchors": C.Option(20, C.positive, "tail anchors > 0"),
-    "mix": C.Option("add", choices=("add", "gated")),
-    "lambda1": C.Option(1.0, C.non_negative, "key-matching weight >= 0"),
-    "lambda2": C.Option(1.0, C.non_negative, "prototype contrastive weight >= 0"),
-    "lambda3": C.Option(1.0, C.non_negative, "anchor-key weight >= 0"),
-    "tau": C.Option(0.1, C.positive, "temperature > 0"),
-    "classifier": C.Option("prototype", choices=("prototype", "head")),
-    # --- FedTA server
-    "sikf-steps": C.Option(5, C.non_negative, "SIKF Adam steps >= 0"),
-    "sikf-lr": C.Option(0.001, C.positive, "SIKF learning rate > 0"),
-    "bgps-thr": C.Option(0.5, lambda v: -1 <= v <= 1, "threshold in [-1, 1]"),
-    "bgps-warmup": C.Option(1, C.non_negative, "rounds of a task before BGPS may freeze >= 0"),
-    # --- bookkeeping
-    "seed": C.Option(42),
-    "results-dir": C.Option(""),
-    "device": C.Option("auto", choices=("auto", "cpu", "cuda")),
-}
 
+def parse_config(run_config) -> C.RunConfig:
+    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`) and
+    resolve ``method`` in the app's method table; ``cfg["rounds-per-task"]`` is derived."""
+    from fedta.methods import METHODS
 
-def parse_config(run_config) -> dict[str, Any]:
-    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`)."""
-    cfg = C.parse(run_config, SCHEMA)
+    cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("fedta")}, methods=METHODS)
+    if cfg["num-server-rounds"] % cfg["num-tasks"]:
+        raise C.ConfigError(
+            f"run config num-server-rounds={cfg['num-server-rounds']!r}: must be a multiple of "
+            f"num-tasks={cfg['num-tasks']} (rounds per task = num-server-rounds / num-tasks)"
+        )
     if cfg["vit-dim"] % cfg["vit-heads"]:
         raise C.ConfigError(
             f"run config vit-heads={cfg['vit-heads']!r}: must divide vit-dim={cfg['vit-dim']}"
@@ -94,6 +99,7 @@ def parse_config(run_config) -> dict[str, Any]:
             f"run config num-tasks={cfg['num-tasks']} x classes-per-task="
             f"{cfg['classes-per-task']} exceeds the 10 Fashion-MNIST classes"
         )
+    cfg["rounds-per-task"] = cfg["num-server-rounds"] // cfg["num-tasks"]
     return cfg
 
 
@@ -116,17 +122,18 @@ def tensors_of(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def initial_global(cfg: dict[str, Any], backbone: TinyViT) -> dict[str, torch.Tensor]:
-    """The server's initial shared parameters for ``cfg['method']`` (seeded)."""
+    """The server's initial shared parameters of ``cfg.method`` (seeded)."""
     set_seed(derive_seed(cfg["seed"], 0x1417))
     d, m = backbone.dim, cfg["pool-size"]
     out: dict[str, torch.Tensor] = {}
-    if cfg["method"] in FEDTA_METHODS or cfg["method"] == "l2p":
+    method = cfg.method
+    if method.flag("prototypes") or method.flag("prompts"):
         out["prompts"] = torch.randn(m, cfg["prompt-length"], d) * 0.1
         out["keys"] = torch.randn(m, d)
-    if cfg["method"] in ("l2p", "fedvit", "fedavg"):
+    if method.flag("head"):
         head = torch.nn.Linear(d, NUM_CLASSES)
         out["head.weight"], out["head.bias"] = head.weight.data, head.bias.data
-    if cfg["method"] == "fedavg":
+    if method.flag("finetune"):
         out.update({f"vit.{k}": v.clone() for k, v in backbone.state_dict().items()})
     return out
 
@@ -293,15 +300,14 @@ def train_fedta(
 # ---------------------------------------------------------------------------- baselines
 def baseline_forward(cfg, backbone, params, x):
     """Logits of l2p / fedvit / fedavg (and the key-pull term of l2p)."""
-    method = cfg["method"]
     head = (params["head.weight"], params["head.bias"])
-    if method == "fedavg":
+    if cfg.method.flag("finetune"):
         vit = params["_vit"]
         return F.linear(vit.features(vit.embed(x)), *head), None
     with torch.no_grad():
         e = backbone.embed(x)
         q = backbone.features(e)
-    if method == "fedvit":
+    if not cfg.method.flag("prompts"):
         return F.linear(q, *head), None
     f, sel = prompted_features(backbone, e, q, params["prompts"], params["keys"], cfg["top-n"])
     pull = cosine_distance(q[:, None, :], params["keys"][sel]).sum(1).mean()
@@ -326,7 +332,7 @@ def train_baseline(cfg, backbone, shared, x, y, gen) -> LocalResult:
     }
     trainable = list(params.values())
     lr = cfg["lr"]
-    if cfg["method"] == "fedavg":
+    if cfg.method.flag("finetune"):
         params["_vit"] = _vit_from(backbone, shared)
         trainable += list(params["_vit"].parameters())
         lr = cfg["fedavg-lr"]
@@ -343,7 +349,7 @@ def train_baseline(cfg, backbone, shared, x, y, gen) -> LocalResult:
             opt.step()
             loss_value = loss.item()
     upload = {k: v.detach() for k, v in params.items() if k != "_vit"}
-    if cfg["method"] == "fedavg":
+    if cfg.method.flag("finetune"):
         upload.update({f"vit.{k}": v.detach() for k, v in params["_vit"].state_dict().items()})
     return LocalResult(upload=upload, metrics={"loss": loss_value})
 
@@ -361,15 +367,15 @@ def predict(
     batch: int = 512,
 ) -> torch.Tensor:
     """Predicted classes of ``x``, restricted to ``seen`` (FedTA: classes with prototypes)."""
-    method = cfg["method"]
+    method = cfg.method
     out = []
     params = dict(shared)
-    if method == "fedavg":
+    if method.flag("finetune"):
         params["_vit"] = _vit_from(backbone, shared).eval()
     for xb in x.split(batch):
-        if method in FEDTA_METHODS:
+        if method.flag("prototypes"):
             f_ta, _, _ = fedta_features(
-                cfg, backbone, shared, personal, xb, use_ta=method != "fedta-no-ta"
+                cfg, backbone, shared, personal, xb, use_ta=method.flag("ta")
             )
             if cfg["classifier"] == "prototype":
                 logits = prototype_logits(f_ta, {c: protos[c] for c in seen if c in protos}, 1.0)
@@ -385,26 +391,6 @@ def predict(
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean()) if len(y) else float("nan")
-
-
-# ---------------------------------------------------------------------------- metrics
-def kr_t(acc_first_after_first: dict[int, float], acc_first_now: dict[int, float]) -> float:
-    """Eq. 11: mean over clients of Acc(theta_i^r; T_i^0) / Acc(theta_i^0; T_i^0).
-
-    Clients whose first-task accuracy was 0 (undefined ratio) are left out.
-    """
-    ratios = [
-        acc_first_now[i] / a0
-        for i, a0 in acc_first_after_first.items()
-        if i in acc_first_now and a0 > 0
-    ]
-    return float(np.mean(ratios)) if ratios else float("nan")
-
-
-def kr_s(acc_global: dict[int, float], acc_local: dict[int, float]) -> float:
-    """Eq. 12: mean over clients of Acc(theta_g^r; T_i^r) / Acc(theta_i^r; T_i^r)."""
-    ratios = [acc_global[i] / a for i, a in acc_local.items() if i in acc_global and a > 0]
-    return float(np.mean(ratios)) if ratios else float("nan")
 
 
 def protos_to_record(protos: dict[int, torch.Tensor], keys: dict[int, torch.Tensor]) -> ArrayRecord:

@@ -10,21 +10,24 @@ app_path("fedta")
 
 from fedta import data as D  # noqa: E402
 from fedta import task as T  # noqa: E402
+from fedta.methods import METHODS  # noqa: E402
 
-from flowerbed.common.config import ConfigError  # noqa: E402
+from flowerbed.common.config import ConfigError, check_pyproject  # noqa: E402
+from flowerbed.common.partition import partition_indices  # noqa: E402
+from flowerbed.strategies.fedta import kr_s, kr_t  # noqa: E402
 
 
 # ---------------------------------------------------------------- KR metrics (Eqs. 11-12)
 def test_kr_t_is_mean_ratio_of_first_task_accuracy():
     first = {0: 0.8, 1: 0.5, 2: 0.0}  # client 2: undefined ratio, left out
     now = {0: 0.4, 1: 0.5, 2: 0.3}
-    assert T.kr_t(first, now) == pytest.approx((0.4 / 0.8 + 0.5 / 0.5) / 2)
-    assert np.isnan(T.kr_t({0: 0.0}, {0: 1.0}))
+    assert kr_t(first, now) == pytest.approx((0.4 / 0.8 + 0.5 / 0.5) / 2)
+    assert np.isnan(kr_t({0: 0.0}, {0: 1.0}))
 
 
 def test_kr_s_is_mean_ratio_global_over_local():
-    assert T.kr_s({0: 0.9, 1: 0.3}, {0: 0.9, 1: 0.6}) == pytest.approx((1.0 + 0.5) / 2)
-    assert T.kr_s({0: 0.9}, {0: 0.9, 5: 0.5}) == pytest.approx(1.0)  # client 5: no global acc
+    assert kr_s({0: 0.9, 1: 0.3}, {0: 0.9, 1: 0.6}) == pytest.approx((1.0 + 0.5) / 2)
+    assert kr_s({0: 0.9}, {0: 0.9, 5: 0.5}) == pytest.approx(1.0)  # client 5: no global acc
 
 
 # ---------------------------------------------------------------- anchors (Eqs. 4-5)
@@ -88,7 +91,9 @@ def test_slices_are_disjoint_and_clients_disjoint():
     assert len(np.intersect1d(s["pretrain"], s["pool"])) == 0
     assert len(np.intersect1d(s["surrogate"], s["pool"])) == 0
     assert len(s["pretrain"]) + len(s["surrogate"]) + len(s["pool"]) == 60000
-    parts = D.client_indices("", 1000, 5, 4, 100, 5, 0.5, 7)
+    parts = D.client_indices(
+        "", 1000, 5, 4, D.PARTITIONER, 7, alpha=0.5, samples_per_class=100, min_samples=5
+    )
     for c in range(10):
         allc = np.concatenate([p[c] for p in parts])
         assert len(allc) == 100 and len(np.unique(allc)) == 100
@@ -107,11 +112,63 @@ def test_dirichlet_counts_and_task_streams():
         D.dirichlet_counts(10, 5, 0.5, 3, np.random.default_rng(0))
 
 
+def test_per_class_dirichlet_partitioner_hand_computed():
+    # 3 clients; class 0 has 7 rows, class 1 has 5: the first samples_per_class=5 rows of each
+    # class are handed out, min_samples=1 each, the rest by the Dirichlet draw of (seed, class)
+    labels = np.array([0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 0])
+    parts = partition_indices(
+        labels, 3, D.PARTITIONER, seed=3, alpha=0.5, samples_per_class=5, min_samples=1
+    )
+    from flowerbed.common.seeding import derive_seed
+
+    for c in (0, 1):
+        rng = np.random.default_rng(derive_seed(3, c, 0xD1C))
+        counts = D.dirichlet_counts(5, 3, 0.5, 1, rng)
+        rows = np.flatnonzero(labels == c)[:5]
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for i, p in enumerate(parts):
+            np.testing.assert_array_equal(p[labels[p] == c], rows[bounds[i] : bounds[i + 1]])
+    handed = np.sort(np.concatenate(parts))
+    np.testing.assert_array_equal(handed, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10])  # rows 8, 11 left out
+    with pytest.raises(D.DataError, match="samples-per-class=6"):
+        partition_indices(labels, 3, D.PARTITIONER, seed=4, samples_per_class=6, min_samples=1)
+
+
+def test_pyproject_matches_schema_and_method_table():
+    assert check_pyproject(app_path("fedta"), T.SCHEMA) == []
+    assert list(METHODS) == [
+        "fedta",
+        "fedta-no-ta",
+        "fedta-no-sikf",
+        "fedta-no-bgps",
+        "l2p",
+        "fedvit",
+        "fedavg",
+    ]
+    assert [METHODS[m].kind for m in METHODS] == ["paper"] + ["ablation"] * 3 + ["baseline"] * 3
+    cfg = T.parse_config({"method": "fedta-no-sikf"})
+    assert cfg.method.flag("ta") and cfg.method.flag("bgps") and not cfg.method.flag("sikf")
+    assert not T.parse_config({"method": "fedta-no-ta"}).method.flag("ta")
+    assert not T.parse_config({"method": "fedta-no-bgps"}).method.flag("bgps")
+    assert not T.parse_config({"method": "fedvit"}).method.flag("prompts")
+
+
+def test_rounds_per_task_is_derived_from_num_server_rounds():
+    assert T.parse_config({})["rounds-per-task"] == 2
+    assert T.parse_config({"num-server-rounds": 3, "num-tasks": 1})["rounds-per-task"] == 3
+    with pytest.raises(ConfigError, match=r"^run config num-server-rounds=7: must be a multiple"):
+        T.parse_config({"num-server-rounds": 7})
+    with pytest.raises(ConfigError, match="rounds-per-task"):
+        T.parse_config({"rounds-per-task": 2})  # the old key is gone
+
+
 def test_bad_config_fails_with_the_key():
-    with pytest.raises(ConfigError, match="method"):
+    with pytest.raises(ConfigError, match="method='fedprox'"):
         T.parse_config({"method": "fedprox"})
+    with pytest.raises(ConfigError, match="partitioner='zipf'"):
+        T.parse_config({"partitioner": "zipf"})
     with pytest.raises(ConfigError, match="num-tasks"):
-        T.parse_config({"num-tasks": 6})
+        T.parse_config({"num-tasks": 6, "num-server-rounds": 12})
     with pytest.raises(ConfigError, match="vit-heads"):
         T.parse_config({"vit-dim": 30, "vit-heads": 4})
     with pytest.raises(ConfigError, match="bogus"):
@@ -125,6 +182,23 @@ def test_fedta_upload_is_at_least_10x_smaller_than_fedavg_full_model():
     cfg = T.parse_config({})
     bb = TinyViT(patch=7, dim=64, depth=2, heads=4)
     fedta = T.nvalues(T.initial_global(cfg, bb)) + 2 * 2 * 64
-    fedavg = T.nvalues(T.initial_global({**cfg, "method": "fedavg"}, bb))
+    fedavg = T.nvalues(T.initial_global(T.parse_config({"method": "fedavg"}), bb))
     assert fedta == 10 * 2 * 64 + 10 * 64 + 256
     assert fedavg >= 10 * fedta
+
+
+def test_shared_parameters_follow_the_method_flags():
+    from flowerbed.common.models import TinyViT
+
+    bb = TinyViT(patch=7, dim=8, depth=1, heads=2)
+    small = {"vit-dim": 8, "vit-heads": 2, "pool-size": 3, "top-n": 2}
+
+    def keys(method):
+        cfg = T.parse_config({**small, "method": method})
+        return sorted(k for k in T.initial_global(cfg, bb) if not k.startswith("vit."))
+
+    assert keys("fedta") == keys("fedta-no-ta") == ["keys", "prompts"]
+    assert keys("l2p") == ["head.bias", "head.weight", "keys", "prompts"]
+    assert keys("fedvit") == ["head.bias", "head.weight"]
+    full = T.initial_global(T.parse_config({**small, "method": "fedavg"}), bb)
+    assert {f"vit.{k}" for k in bb.state_dict()} <= set(full)
