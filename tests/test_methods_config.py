@@ -87,7 +87,7 @@ def test_every_app_has_the_shared_keys_and_agrees_with_its_pyproject(app):
 # a method name compared in code: cfg["method"] == ..., method in (...), .startswith on it
 _METHOD_COMPARE = re.compile(
     r"""\[["']method["']\]\s*(==|!=|\bin\b|\bnot in\b)|\[["']method["']\]\.startswith"""
-    r"""|\bmethod\s*(==|!=)\s*["']"""
+    r"""|\.method\.name\s*(==|!=|\bin\b)"""
 )
 
 

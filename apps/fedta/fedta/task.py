@@ -79,11 +79,13 @@ SCHEMA: dict[str, C.Option] = C.compose(
 
 def parse_config(run_config) -> C.RunConfig:
     """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`) and
-    resolve ``method`` in the app's method table; ``cfg["rounds-per-task"]`` is derived."""
+    resolve ``method`` in the app's method table; ``cfg["rounds-per-task"]`` is derived (1 when
+    ``num-server-rounds`` < ``num-tasks``: the run then covers the first tasks only)."""
     from fedta.methods import METHODS
 
     cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("fedta")}, methods=METHODS)
-    if cfg["num-server-rounds"] % cfg["num-tasks"]:
+    short = cfg["num-server-rounds"] < cfg["num-tasks"]  # a short run: the first tasks only
+    if not short and cfg["num-server-rounds"] % cfg["num-tasks"]:
         raise C.ConfigError(
             f"run config num-server-rounds={cfg['num-server-rounds']!r}: must be a multiple of "
             f"num-tasks={cfg['num-tasks']} (rounds per task = num-server-rounds / num-tasks)"
@@ -99,7 +101,9 @@ def parse_config(run_config) -> C.RunConfig:
             f"run config num-tasks={cfg['num-tasks']} x classes-per-task="
             f"{cfg['classes-per-task']} exceeds the 10 Fashion-MNIST classes"
         )
-    cfg["rounds-per-task"] = cfg["num-server-rounds"] // cfg["num-tasks"]
+    # fewer rounds than tasks (a smoke run, `num-server-rounds=1`): one round on each of the first
+    # num-server-rounds tasks; otherwise every task gets num-server-rounds / num-tasks rounds
+    cfg["rounds-per-task"] = 1 if short else cfg["num-server-rounds"] // cfg["num-tasks"]
     return cfg
 
 
