@@ -67,7 +67,11 @@ def test_consolidate_same_label_rule_and_threshold():
 
 
 def test_allocate_splits_per_class_by_count():
-    dists = [d([1, 0], label=2, count=30), d([0, 1], label=0, count=5), d([1, 1], label=2, count=10)]
+    dists = [
+        d([1, 0], label=2, count=30),
+        d([0, 1], label=0, count=5),
+        d([1, 1], label=2, count=10),
+    ]
     got = [(x.label, x.count, n) for x, n in F.allocate(dists, 200)]
     # class 0 first (ascending); class 2: 200 * 30/40 = 150 and 200 * 10/40 = 50
     assert got == [(0, 5, 200), (2, 30, 150), (2, 10, 50)]

@@ -66,13 +66,19 @@ def main(grid: Grid, context: Context) -> None:
         final["bytes_raw_upload"] = int(x.size * 4 + y.size * 8)
         final["bytes_total"] += final["bytes_raw_upload"]
     final.update(
-        {k: v for k, v in getattr(strategy, "history", {}).get(rounds, {}).items()
-         if isinstance(v, int | float)}  # fmt: skip
+        {
+            k: v
+            for k, v in getattr(strategy, "history", {}).get(rounds, {}).items()
+            if isinstance(v, int | float)
+        }  # fmt: skip
     )
     if hasattr(strategy, "consolidated"):
         writer.set(
             "consolidated",
-            [{"label": d.label, "count": d.count, "sources": d.sources} for d in strategy.consolidated],
+            [
+                {"label": d.label, "count": d.count, "sources": d.sources}
+                for d in strategy.consolidated
+            ],
         )
     label = f"feddistr method={cfg['method']} partitioner={cfg['partitioner']}"
     finish(writer, final, label, "accuracy", strategy)
@@ -114,7 +120,9 @@ def server_pieces(cfg, writer: ResultsWriter) -> dict:
         if cfg["save-samples"]:
             classes = sorted(set(ys))
             rows = [x[y == c][:10] for c in classes]
-            path = save_grid(rows, writer.out_dir / "synthetic_samples.png", [CLASSES[c] for c in classes])
+            path = save_grid(
+                rows, writer.out_dir / "synthetic_samples.png", [CLASSES[c] for c in classes]
+            )
             writer.set("samples_png", str(path))
         return fit_classifier(cfg, x, y)
 

@@ -97,7 +97,9 @@ def parse_config(run_config) -> C.RunConfig:
 
     cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("feddistr")}, methods=METHODS)
     if cfg["dataset"] != "fashion_mnist":
-        raise C.ConfigError(f"run config dataset={cfg['dataset']!r}: FedDistr runs on fashion_mnist")
+        raise C.ConfigError(
+            f"run config dataset={cfg['dataset']!r}: FedDistr runs on fashion_mnist"
+        )
     n_train = 60000 - gen_config(cfg).public_size
     if cfg["train-size"] > n_train:
         raise C.ConfigError(

@@ -74,9 +74,11 @@ def test_centralized_and_fedavg_baselines_without_ray(tmp_path):
     r1 = rows[1]["bytes_sent"] + rows[1]["bytes_received"]
     assert r1 > 4 * 800_000  # a CNN down and up for each of 2 clients
     assert final["bytes_total_r1"] == r1
-    assert final["bytes_total_r2"] == final["bytes_total"] == r1 + rows[2]["bytes_sent"] + rows[
-        2
-    ]["bytes_received"]
+    assert (
+        final["bytes_total_r2"]
+        == final["bytes_total"]
+        == r1 + rows[2]["bytes_sent"] + rows[2]["bytes_received"]
+    )
     assert final["accuracy_r2"] == final["accuracy"] == rows[2]["server_accuracy"]
 
 
