@@ -1,15 +1,23 @@
-"""FedDistr app: run-config schema, data splits, partitions, client and server steps."""
+"""FedDistr app: run-config schema, data splits, partitioners, models and the client steps."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr_datasets.partitioner import Partitioner
 
-from flowerbed.common.data import load_dataset
-
-SPLIT_SEED = 2024  # fixed public/private split of the Fashion-MNIST train set
+from flowerbed.common import config as C
+from flowerbed.common.client import partition_of, sgd_step
+from flowerbed.common.data import SPLIT_SEED, load_dataset
+from flowerbed.common.models import build_model
+from flowerbed.common.partition import _dirichlet, partition_indices, register_partitioner
+from flowerbed.common.records import load_record, reply, to_record
+from flowerbed.common.seeding import derive_seed, set_seed
+from flowerbed.common.train import evaluate, get_device, train
 
 
 def load_fmnist(data_dir: str = ""):
@@ -17,7 +25,8 @@ def load_fmnist(data_dir: str = ""):
 
 
 def split_indices(n: int, public_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(public, private) indices of the train split: a fixed permutation, public first.
+    """(public, private) indices of the train split: a fixed permutation (``SPLIT_SEED``),
+    public first.
 
     The public part pre-trains the generator (images only); clients draw from the private part.
     """
@@ -51,47 +60,46 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | No
 
 
 # ---------------------------------------------------------------- run config
-from typing import Any  # noqa: E402
-
-from flowerbed.common import config as C  # noqa: E402
-
-METHODS = ("feddistr", "fedavg", "fedprox", "centralized")
-PARTITIONS = ("disentangled", "near", "entangled")
-
-SCHEMA: dict[str, C.Option] = {
-    "method": C.Option("feddistr", choices=METHODS),
-    "num-server-rounds": C.Option(50, C.positive, "FedAvg/FedProx rounds > 0"),
-    "proximal-mu": C.Option(0.01, C.non_negative, "FedProx mu >= 0"),
-    "partition": C.Option("disentangled", choices=PARTITIONS),
-    "xi": C.Option(0.1, lambda v: 0 <= v < 1, "xi in [0, 1)"),
-    "alpha": C.Option(0.5, C.positive, "Dirichlet alpha > 0"),
-    "train-size": C.Option(3000, C.positive, "number of private training images > 0"),
-    "test-size": C.Option(5000, C.positive, "number of test images > 0"),
-    "data-dir": C.Option(""),
-    "generator": C.Option("default", choices=("default", "tiny")),
-    "clusters-per-class": C.Option(3, C.positive, "k-means clusters per local class > 0"),
-    "inversion-steps": C.Option(0, C.non_negative, "inversion steps >= 0"),
-    "inversion-lr": C.Option(0.05, C.positive, "inversion learning rate > 0"),
-    "match-threshold": C.Option(0.5, lambda v: -1 <= v <= 1, "cosine threshold in [-1, 1]"),
-    "match-same-label": C.Option(True),
-    "synthetic-per-class": C.Option(200, C.positive, "synthetic images per class > 0"),
-    "ddim-steps": C.Option(20, C.positive, "DDIM steps > 0"),
-    "guidance": C.Option(1.0, C.non_negative, "guidance scale >= 0"),
-    "model": C.Option("cnn", choices=("cnn", "mlp")),
-    "local-epochs": C.Option(1, C.positive, "local epochs > 0"),
-    "batch-size": C.Option(32, C.positive, "batch size > 0"),
-    "lr": C.Option(0.05, C.positive, "learning rate > 0"),
-    "server-epochs": C.Option(15, C.positive, "epochs on the synthetic / pooled set > 0"),
-    "save-samples": C.Option(True),
-    "seed": C.Option(42),
-    "results-dir": C.Option(""),
-    "device": C.Option("auto", choices=("auto", "cpu", "cuda")),
-}
+SCHEMA: dict[str, C.Option] = C.compose(
+    C.SCHEDULE,
+    C.DATA,
+    C.TRAIN,
+    C.DEVICE,
+    C.RESULTS,
+    {
+        "method": C.Option("feddistr"),  # choices from the method table (feddistr.methods)
+        "xi": C.Option(0.1, lambda v: 0 <= v < 1, "xi in [0, 1)"),
+        "train-size": C.Option(3000, C.positive, "number of private training images > 0"),
+        "test-size": C.Option(5000, C.positive, "number of test images > 0"),
+        "generator": C.Option("default", choices=("default", "tiny")),
+        "clusters-per-class": C.Option(3, C.positive, "k-means clusters per local class > 0"),
+        "inversion-steps": C.Option(0, C.non_negative, "inversion steps >= 0"),
+        "inversion-lr": C.Option(0.05, C.positive, "inversion learning rate > 0"),
+        "match-threshold": C.Option(0.5, lambda v: -1 <= v <= 1, "cosine threshold in [-1, 1]"),
+        "match-same-label": C.Option(True),
+        "synthetic-per-class": C.Option(200, C.positive, "synthetic images per class > 0"),
+        "ddim-steps": C.Option(20, C.positive, "DDIM steps > 0"),
+        "guidance": C.Option(1.0, C.non_negative, "guidance scale >= 0"),
+        "model": C.Option("cnn", choices=("cnn", "mlp")),
+        "server-epochs": C.Option(15, C.positive, "epochs on the synthetic / pooled set > 0"),
+        "save-samples": C.Option(True),
+    },
+    num_server_rounds=50,
+    partitioner="disentangled",
+    lr=0.05,
+)
 
 
-def parse_config(run_config) -> dict[str, Any]:
-    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`)."""
-    cfg = C.parse(run_config, SCHEMA)
+def parse_config(run_config) -> C.RunConfig:
+    """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`) and
+    resolve ``method`` in the app's method table."""
+    from feddistr.methods import METHODS
+
+    cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("feddistr")}, methods=METHODS)
+    if cfg["dataset"] != "fashion_mnist":
+        raise C.ConfigError(
+            f"run config dataset={cfg['dataset']!r}: FedDistr runs on fashion_mnist"
+        )
     n_train = 60000 - gen_config(cfg).public_size
     if cfg["train-size"] > n_train:
         raise C.ConfigError(
@@ -108,46 +116,90 @@ def gen_config(cfg: dict[str, Any]):
     return TINY if cfg["generator"] == "tiny" else GenConfig()
 
 
-# ---------------------------------------------------------------- partitions
-def disentangled(labels: np.ndarray, k: int, seed: int, num_classes: int = 10) -> list[np.ndarray]:
-    """Each class on exactly one client: classes shuffled by ``seed`` and split into ``k``
-    groups (``k <= num_classes``)."""
-    if k > num_classes:
-        raise ValueError(f"disentangled partition: {k} clients > {num_classes} classes")
-    classes = np.random.default_rng(seed).permutation(num_classes)
-    groups = np.array_split(classes, k)
-    return [np.flatnonzero(np.isin(labels, g)) for g in groups]
+# ---------------------------------------------------------------- partitioners
+class DisentangledPartitioner(Partitioner):
+    """Each class on exactly one client: classes shuffled by ``seed`` and split into
+    ``num_partitions`` groups (``num_partitions <= num_classes``).
+
+    With ``xi > 0`` (xi-entangled, the ``near`` partitioner) a sample goes to its class's owner
+    with probability ``1 - xi`` and to a uniformly drawn other client with probability ``xi``.
+    """
+
+    def __init__(
+        self,
+        num_partitions: int,
+        seed: int,
+        xi: float = 0.0,
+        num_classes: int = 10,
+        partition_by: str = "label",
+    ) -> None:
+        super().__init__()
+        if num_partitions > num_classes:
+            raise ValueError(
+                f"disentangled partition: {num_partitions} clients > {num_classes} classes"
+            )
+        self._num_partitions = num_partitions
+        self.seed = seed
+        self.xi = xi
+        self.num_classes = num_classes
+        self.partition_by = partition_by
+        self._parts: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def owners(self, labels: np.ndarray) -> np.ndarray:
+        """Client that owns each sample's class."""
+        k = self._num_partitions
+        classes = np.random.default_rng(self.seed).permutation(self.num_classes)
+        owner_of_class = np.empty(self.num_classes, np.int64)
+        for c, group in enumerate(np.array_split(classes, k)):
+            owner_of_class[group] = c
+        return owner_of_class[labels]
+
+    def assign(self, labels: np.ndarray) -> list[np.ndarray]:
+        """Index arrays of the partitions of ``labels``."""
+        k = self._num_partitions
+        dest = self.owners(labels)
+        if self.xi > 0 and k > 1:
+            rng = np.random.default_rng(self.seed + 1)
+            move = rng.random(len(labels)) < self.xi
+            other = rng.integers(0, k - 1, len(labels))
+            other = other + (other >= dest)  # uniform over the k-1 other clients
+            dest = np.where(move, other, dest)
+        return [np.flatnonzero(dest == c) for c in range(k)]
+
+    def load_partition(self, partition_id: int):
+        if self._parts is None:
+            self._parts = self.assign(np.asarray(self.dataset[self.partition_by]))
+        return self.dataset.select(self._parts[partition_id])
 
 
-def near_disentangled(
-    labels: np.ndarray, k: int, seed: int, xi: float, num_classes: int = 10
-) -> list[np.ndarray]:
-    """xi-entangled: a class's samples go to its owner client (the disentangled assignment) with
-    probability ``1 - xi`` and to a uniformly drawn other client with probability ``xi``."""
-    owner_parts = disentangled(labels, k, seed, num_classes)
-    owner = np.empty(len(labels), np.int64)
-    for c, idx in enumerate(owner_parts):
-        owner[idx] = c
-    rng = np.random.default_rng(seed + 1)
-    dest = owner.copy()
-    if k > 1:
-        move = rng.random(len(labels)) < xi
-        other = rng.integers(0, k - 1, len(labels))
-        other = other + (other >= owner)  # uniform over the k-1 other clients
-        dest[move] = other[move]
-    return [np.flatnonzero(dest == c) for c in range(k)]
+@register_partitioner("disentangled")
+def _disentangled(num_partitions: int, seed: int, **_):
+    return DisentangledPartitioner(num_partitions, seed)
+
+
+@register_partitioner("near")
+def _near(num_partitions: int, seed: int, **kw):
+    return DisentangledPartitioner(num_partitions, seed, xi=float(kw.get("xi", 0.1)))
+
+
+register_partitioner("entangled", _dirichlet)  # entangled = Dirichlet(alpha) over labels
 
 
 def make_partitions(cfg: dict[str, Any], labels: np.ndarray, k: int) -> list[np.ndarray]:
-    if k > len(labels):
-        raise ValueError(f"{k} partitions > {len(labels)} training images (train-size)")
-    if cfg["partition"] == "disentangled":
-        return disentangled(labels, k, cfg["seed"])
-    if cfg["partition"] == "near":
-        return near_disentangled(labels, k, cfg["seed"], cfg["xi"])
-    from flowerbed.common.partition import partition_indices
-
-    return partition_indices(labels, k, "dirichlet", seed=cfg["seed"], alpha=cfg["alpha"])
+    """The clients' index arrays into ``labels`` (the run config's ``partitioner``)."""
+    return partition_indices(
+        labels,
+        k,
+        cfg["partitioner"],
+        seed=cfg["seed"],
+        alpha=cfg["alpha"],
+        xi=cfg["xi"],
+        classes_per_partition=cfg["classes-per-partition"],
+    )
 
 
 def private_pool(cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -180,9 +232,7 @@ def label_histograms(cfg: dict[str, Any], k: int) -> list[list[int]]:
 
 # ---------------------------------------------------------------- models
 def make_model(cfg: dict[str, Any]) -> torch.nn.Module:
-    from flowerbed.common.models import build_model
-    from flowerbed.common.seeding import derive_seed, set_seed
-
+    """The classifier, initialised from the run seed (identical on every process)."""
     set_seed(derive_seed(cfg["seed"], 0xFFFF))
     return build_model(cfg["model"], (1, 28, 28), 10)
 
@@ -200,7 +250,6 @@ def client_upload(cfg: dict[str, Any], pid: int, k: int) -> tuple[dict[str, np.n
     from sklearn.cluster import KMeans
 
     from feddistr.generator import invert, load_or_build
-    from flowerbed.common.seeding import derive_seed
 
     seed = derive_seed(cfg["seed"], pid, 1)
     torch.manual_seed(seed)
@@ -255,20 +304,55 @@ def client_upload(cfg: dict[str, Any], pid: int, k: int) -> tuple[dict[str, np.n
     return arrays, {"num-examples": len(x), "num-distributions": len(labels), "inv-loss": loss}
 
 
-def check_upload(arrays: dict[str, np.ndarray], cond_dim: int, num_classes: int = 10) -> str | None:
-    """Why an upload must be rejected, or None."""
-    for key in ("mean", "logstd", "label", "count"):
-        if key not in arrays:
-            return f"upload lacks array {key!r}"
-    m, s, lab, cnt = (arrays[k] for k in ("mean", "logstd", "label", "count"))
-    if m.ndim != 2 or m.shape[1] != cond_dim or s.shape != m.shape:
-        return f"mean/logstd have shapes {m.shape}/{s.shape}, expected (k, {cond_dim})"
-    if lab.shape != (len(m),) or cnt.shape != (len(m),):
-        return f"label/count have shapes {lab.shape}/{cnt.shape}, expected ({len(m)},)"
-    if not (np.isfinite(m).all() and np.isfinite(s).all()):
-        return "mean/logstd contain NaN or Inf"
-    if len(lab) and (lab.min() < 0 or lab.max() >= num_classes):
-        return f"labels outside [0, {num_classes})"
-    if len(cnt) and cnt.min() <= 0:
-        return "counts must be positive"
-    return None
+def client_upload_step(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
+    """The ClientApp's FedDistr step: this node's base distributions, in one reply."""
+    pid, n = partition_of(context)
+    arrays, metrics = client_upload(cfg, pid, n)
+    record = to_record({k: torch.from_numpy(v) for k, v in arrays.items()})
+    return Message(content=reply(record, **metrics, **{"partition-id": pid}), reply_to=msg)
+
+
+def client_train(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
+    """The ClientApp's FedAvg / FedProx step: the shared SGD step on this node's partition."""
+    pid, n = partition_of(context)
+    x, y = client_data(cfg, pid, n)
+    return sgd_step(
+        msg,
+        context,
+        make_model(cfg),
+        x,
+        y,
+        cfg["seed"],
+        cfg["device"],
+        epochs=cfg["local-epochs"],
+        batch_size=cfg["batch-size"],
+        lr=cfg["lr"],
+    )
+
+
+# ---------------------------------------------------------------- server side
+def fit_classifier(
+    cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor, arrays: ArrayRecord | None = None
+) -> ArrayRecord:
+    """The classifier trained on the server (the synthetic set, or the pooled data of
+    ``centralized``): ``server-epochs`` epochs, batch 64, SGD with momentum 0.9, seeded."""
+    model = make_model(cfg)
+    if arrays is not None:
+        load_record(model, arrays)
+    g = set_seed(derive_seed(cfg["seed"], 0xC1A5))
+    device = get_device(cfg["device"])
+    train(model, x, y, epochs=cfg["server-epochs"], batch_size=64, lr=cfg["lr"], momentum=0.9,
+          generator=g, device=device)  # fmt: skip
+    return to_record(model)
+
+
+def central_evaluator(cfg: dict[str, Any]):
+    """``evaluate_fn(round, arrays)`` on the first ``test-size`` test images."""
+    xt, yt = test_data(cfg)
+    model = make_model(cfg)
+    device = get_device(cfg["device"])
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        return MetricRecord(evaluate(load_record(model, arrays), xt, yt, device=device))
+
+    return evaluate_fn

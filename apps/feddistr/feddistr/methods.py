@@ -1,0 +1,67 @@
+"""The FedDistr app's method table: the run-config key ``method``.
+
+| method | kind | what it is |
+|---|---|---|
+| ``feddistr`` | reconstruction | FedDistr: one upload of base distributions, alignment, synthesis |
+| ``feddistr-noalign`` | ablation | FedDistr without Active Distribution Alignment (no merging) |
+| ``fedavg`` | baseline | FedAvg, ``num-server-rounds`` rounds on the same partitions |
+| ``fedprox`` | baseline | Flower's FedProx, mu = ``proximal-mu`` |
+| ``centralized`` | baseline | the classifier trained on the pooled private data |
+
+Flags read by the ServerApp: ``rounds`` (one-shot methods run that many rounds, whatever
+``num-server-rounds`` says), ``align`` (FedDistr's alignment), ``model_delivery`` (report the
+bytes of sending the trained model to every client, which a one-shot protocol does not do) and
+``raw_upload`` (``centralized``: the bytes of uploading the raw data count as communication).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from feddistr.task import client_train, client_upload_step
+from flowerbed.common.methods import Method, MethodTable
+from flowerbed.strategies.baselines import baseline_methods
+from flowerbed.strategies.feddistr import FedDistr
+
+
+def feddistr_strategy(
+    cfg: dict[str, Any], cond_dim: int, sample, train_classifier, prepare=None, **_: Any
+) -> FedDistr:
+    """:class:`~flowerbed.strategies.feddistr.FedDistr` from the run config; the generator's
+    ``sample``, the ``train_classifier`` step and ``prepare`` come from the ServerApp."""
+    return FedDistr(
+        cond_dim,
+        sample,
+        train_classifier,
+        synthetic_per_class=cfg["synthetic-per-class"],
+        threshold=cfg["match-threshold"],
+        same_label=cfg["match-same-label"],
+        align=cfg.method.flag("align", True),
+        min_uploads=cfg["min-train-replies"],
+        prepare=prepare,
+    )
+
+
+ONE_SHOT = {"rounds": 1, "model_delivery": True}
+
+METHODS = MethodTable(
+    Method(
+        "feddistr",
+        "reconstruction",
+        "FedDistr (Zhao et al., arXiv:2410.12530): one upload of base distributions, "
+        "alignment, synthesis, training; one round",
+        strategy=feddistr_strategy,
+        client=client_upload_step,
+        flags={**ONE_SHOT, "align": True},
+    ),
+    Method(
+        "feddistr-noalign",
+        "ablation",
+        "FedDistr without Active Distribution Alignment: every uploaded distribution kept",
+        strategy=feddistr_strategy,
+        client=client_upload_step,
+        flags={**ONE_SHOT, "align": False},
+    ),
+    *baseline_methods("fedavg", "fedprox", client=client_train),
+    *baseline_methods("centralized", rounds=1, raw_upload=True),
+)
