@@ -71,6 +71,23 @@ def local_tensors(
     return x, y, bundle.num_classes
 
 
+def partition_tensors(
+    cfg, partition_id: int, num_partitions: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """:func:`local_tensors` with the keys of the shared ``DATA`` fragment of the run config
+    (``dataset``, ``data-dir``, ``partitioner``, ``alpha``, ``classes-per-partition``, ``seed``)."""
+    return local_tensors(
+        cfg["dataset"],
+        partition_id,
+        num_partitions,
+        cfg["partitioner"],
+        cfg["seed"],
+        alpha=cfg["alpha"],
+        classes_per_partition=cfg["classes-per-partition"],
+        data_dir=cfg["data-dir"],
+    )
+
+
 def add_partition_query(app: ClientApp) -> None:
     """Register a ``query`` handler that answers with the node's partition id.
 

@@ -43,7 +43,7 @@ def register_partitioner(name: str, factory: PartitionerFactory | None = None):
     """
 
     def add(f: PartitionerFactory) -> PartitionerFactory:
-        if name in _REGISTRY and _REGISTRY[name] is not f:
+        if name in _REGISTRY and _REGISTRY[name] is not f:  # the same factory again is fine
             old = _REGISTRY[name]
             if (old.__module__, old.__qualname__) != (f.__module__, f.__qualname__):
                 raise ValueError(f"partitioner {name!r} is already registered by {old.__module__}")
@@ -51,6 +51,13 @@ def register_partitioner(name: str, factory: PartitionerFactory | None = None):
         return f
 
     return add if factory is None else add(factory)
+
+
+def partitioner_factory(name: str) -> PartitionerFactory:
+    """The factory registered under ``name`` (to register it under another name as well)."""
+    if name not in _REGISTRY:
+        raise DataError(f"unknown partitioner {name!r}; known: {', '.join(partitioners())}")
+    return _REGISTRY[name]
 
 
 def partitioners() -> tuple[str, ...]:

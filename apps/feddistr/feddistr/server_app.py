@@ -8,8 +8,6 @@ cumulative bytes also kept at rounds 1, 10 and 50); ``centralized`` trains on th
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, RecordDict
@@ -46,7 +44,8 @@ def main(grid: Grid, context: Context) -> None:
     writer = ResultsWriter(output_dir(cfg["results-dir"], "feddistr"), cfg, app="feddistr")
     writer.set("label_histograms", label_histograms(cfg, len(nodes)))  # checks the partitioner
     rounds = cfg.method.flag("rounds", cfg["num-server-rounds"])
-    strategy = build_strategy(cfg, **server_pieces(cfg, writer))
+    # every factory of the table takes the server pieces it needs, by keyword
+    strategy = cfg.method.strategy(cfg, **server_pieces(cfg, writer))
     result = run_strategy(
         strategy,
         grid,
@@ -82,12 +81,6 @@ def main(grid: Grid, context: Context) -> None:
         )
     label = f"feddistr method={cfg['method']} partitioner={cfg['partitioner']}"
     finish(writer, final, label, "accuracy", strategy)
-
-
-def build_strategy(cfg, **pieces):
-    """The method's strategy; its factory gets the server pieces it names (FedAvg's none)."""
-    named = inspect.signature(cfg.method.strategy).parameters
-    return cfg.method.strategy(cfg, **{k: v for k, v in pieces.items() if k in named})
 
 
 def server_pieces(cfg, writer: ResultsWriter) -> dict:

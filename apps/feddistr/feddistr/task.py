@@ -14,7 +14,11 @@ from flowerbed.common import config as C
 from flowerbed.common.client import partition_of, sgd_step
 from flowerbed.common.data import SPLIT_SEED, load_dataset
 from flowerbed.common.models import build_model
-from flowerbed.common.partition import _dirichlet, partition_indices, register_partitioner
+from flowerbed.common.partition import (
+    partition_indices,
+    partitioner_factory,
+    register_partitioner,
+)
 from flowerbed.common.records import load_record, reply, to_record
 from flowerbed.common.seeding import derive_seed, set_seed
 from flowerbed.common.train import evaluate, get_device, train
@@ -186,7 +190,9 @@ def _near(num_partitions: int, seed: int, **kw):
     return DisentangledPartitioner(num_partitions, seed, xi=float(kw.get("xi", 0.1)))
 
 
-register_partitioner("entangled", _dirichlet)  # entangled = Dirichlet(alpha) over labels
+register_partitioner(
+    "entangled", partitioner_factory("dirichlet")
+)  # entangled = Dirichlet(alpha) over labels
 
 
 def make_partitions(cfg: dict[str, Any], labels: np.ndarray, k: int) -> list[np.ndarray]:

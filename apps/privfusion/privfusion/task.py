@@ -16,7 +16,7 @@ from scipy.stats import norm
 from torch import nn
 
 from flowerbed.common import config as C
-from flowerbed.common.client import local_tensors, partition_of, sgd_step
+from flowerbed.common.client import partition_of, partition_tensors, sgd_step
 from flowerbed.common.data import DataError, load_dataset
 from flowerbed.common.models import MLP
 from flowerbed.common.records import load_record, to_record
@@ -131,16 +131,7 @@ def budget(cfg: dict[str, Any], fusing: bool) -> dict[str, float]:
 # ------------------------------------------------------------------ data and models
 def party_data(cfg: dict[str, Any], pid: int, num_parties: int):
     """This party's train split ``(x, y, num_classes)`` (capped at ``max-samples``)."""
-    x, y, nc = local_tensors(
-        cfg["dataset"],
-        pid,
-        num_parties,
-        cfg["partitioner"],
-        cfg["seed"],
-        alpha=cfg["alpha"],
-        classes_per_partition=cfg["classes-per-partition"],
-        data_dir=cfg["data-dir"],
-    )
+    x, y, nc = partition_tensors(cfg, pid, num_parties)
     if cfg["max-samples"] and len(x) > cfg["max-samples"]:
         g = torch.Generator().manual_seed(derive_seed(cfg["seed"], pid, 0x5A))
         idx = torch.randperm(len(x), generator=g)[: cfg["max-samples"]]

@@ -13,7 +13,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from flowerbed.common import config as C
-from flowerbed.common.client import local_sgd, local_tensors, partition_of, sgd_step
+from flowerbed.common.client import local_sgd, partition_of, partition_tensors, sgd_step
 from flowerbed.common.data import load_dataset
 from flowerbed.common.models import build_model
 from flowerbed.common.records import load_record, to_record
@@ -55,16 +55,7 @@ def make_model(cfg: dict[str, Any]) -> torch.nn.Module:
 
 def client_data(cfg: dict[str, Any], partition_id: int, num_partitions: int):
     """This partition's train split ``(x, y, num_classes)`` (memory-mapped dataset)."""
-    return local_tensors(
-        cfg["dataset"],
-        partition_id,
-        num_partitions,
-        cfg["partitioner"],
-        cfg["seed"],
-        alpha=cfg["alpha"],
-        classes_per_partition=cfg["classes-per-partition"],
-        data_dir=cfg["data-dir"],
-    )
+    return partition_tensors(cfg, partition_id, num_partitions)
 
 
 def _train_kwargs(cfg) -> dict[str, Any]:
