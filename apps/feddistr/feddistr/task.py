@@ -362,3 +362,78 @@ def central_evaluator(cfg: dict[str, Any]):
         return MetricRecord(evaluate(load_record(model, arrays), xt, yt, device=device))
 
     return evaluate_fn
+
+
+# ---------------------------------------------------------------- server side of the methods
+CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+           "Boot")  # fmt: skip
+MILESTONES = (1, 10, 50)
+
+
+def server_pieces(cfg, writer) -> dict:
+    """The app-specific callables of the strategies: the shared generator (loaded, or
+    pre-trained with progress lines, before the clients are called), its sampler, the
+    classifier step on the synthetic set, and centralized training on the pooled data."""
+    from feddistr.generator import load_or_build, sample
+
+    gcfg = gen_config(cfg)
+    state = {}
+
+    def prepare() -> None:
+        print(f"[feddistr] loading the shared generator ({gcfg.tag()})", flush=True)
+        state["gen"] = load_or_build(gcfg, cfg["data-dir"], log_every=50)
+        state["rng"] = torch.Generator().manual_seed(derive_seed(cfg["seed"], 0xD1))
+
+    def sample_fn(mean, logstd, n: int) -> torch.Tensor:
+        return sample(
+            state["gen"],
+            torch.from_numpy(np.asarray(mean, np.float32)),
+            torch.from_numpy(np.asarray(logstd, np.float32)),
+            n,
+            ddim_steps=cfg["ddim-steps"],
+            guidance=cfg["guidance"],
+            generator=state["rng"],
+        )
+
+    def train_classifier(xs, ys):
+        x, y = torch.cat(xs), torch.tensor(ys, dtype=torch.long)
+        if cfg["save-samples"]:
+            classes = sorted(set(ys))
+            rows = [x[y == c][:10] for c in classes]
+            path = save_grid(
+                rows, writer.out_dir / "synthetic_samples.png", [CLASSES[c] for c in classes]
+            )
+            writer.set("samples_png", str(path))
+        return fit_classifier(cfg, x, y)
+
+    def fit_pooled(server_round: int, arrays):
+        x, y = private_pool(cfg)
+        return fit_classifier(cfg, torch.from_numpy(x), torch.from_numpy(y), arrays), {}
+
+    return {
+        "cond_dim": gcfg.cond_dim,
+        "prepare": prepare,
+        "sample": sample_fn,
+        "train_classifier": train_classifier,
+        "fit": fit_pooled,
+    }
+
+
+def final_metrics(writer, result, rounds: int) -> dict:
+    """Accuracy and loss of the last round, the protocol's bytes, and accuracy / cumulative
+    bytes at rounds 1, 10 and 50 (those reached)."""
+    server = result.evaluate_metrics_serverapp
+    final = {k: float(v) for k, v in server.get(rounds, {}).items()}
+    final["rounds"] = rounds
+    cum = 0
+    for row in writer.record["rounds"]:
+        cum += row.get("bytes_sent", 0) + row.get("bytes_received", 0)
+        r = row["round"]
+        if r in MILESTONES or r == rounds:
+            final[f"accuracy_r{r}"] = float(server.get(r, {}).get("accuracy", float("nan")))
+            final[f"bytes_total_r{r}"] = cum
+    totals = writer.record["extra"].get("totals", {})
+    final["bytes_sent"] = totals.get("bytes_sent", 0)
+    final["bytes_received"] = totals.get("bytes_received", 0)
+    final["bytes_total"] = final["bytes_sent"] + final["bytes_received"]
+    return final
