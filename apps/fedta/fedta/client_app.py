@@ -116,6 +116,7 @@ def baseline_step(msg: Message, context: Context, cfg) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = T.parse_config(context.run_config)
+    T.one_thread()  # bitwise reproducible runs (see fedta.task.one_thread)
     return cfg.method.client(msg, context, cfg)
 
 
@@ -125,6 +126,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     client's seen classes, its first task and its current task; the local model on the current
     task (for KR_s)."""
     cfg = T.parse_config(context.run_config)
+    T.one_thread()  # bitwise reproducible runs (see fedta.task.one_thread)
     pid, _ = partition_of(context)
     conf = msg.content["config"]
     task = int(conf["task"])

@@ -23,6 +23,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = T.parse_config(context.run_config)  # fails fast, naming the bad value
+    T.one_thread()  # bitwise reproducible runs (see fedta.task.one_thread)
     writer = ResultsWriter(output_dir(cfg["results-dir"], "fedta"), cfg, app="fedta")
     backbone = load_backbone(cfg)  # built here (once) if the checkpoint is missing
     strategy = cfg.method.strategy(cfg, backbone=backbone, x_surrogate=D.surrogate(cfg))

@@ -77,6 +77,19 @@ SCHEMA: dict[str, C.Option] = C.compose(
 )
 
 
+def one_thread() -> None:
+    """Compute with one torch thread (server and clients).
+
+    Measured: with two intra-op threads the same FedTA run (same seed, ``launcher=local``, one
+    process) gave different accuracies from run to run (acc_t5 0.7144 vs 0.6638 for seed 1), with
+    ``MKL_DYNAMIC=FALSE`` and a fixed ``PYTHONHASHSEED`` too; with one thread two runs were
+    bitwise equal. Some multi-threaded CPU kernel of the ViT/prompt computations reduces in an
+    order that varies, and FedTA's discrete steps (top-N prompt selection, BGPS's argmin,
+    freezing) amplify the last-bit differences. The models are tiny, so one thread costs little.
+    """
+    torch.set_num_threads(1)
+
+
 def parse_config(run_config) -> C.RunConfig:
     """Validate the run config (one-line :class:`~flowerbed.common.config.ConfigError`) and
     resolve ``method`` in the app's method table; ``cfg["rounds-per-task"]`` is derived (1 when

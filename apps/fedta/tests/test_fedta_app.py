@@ -5,7 +5,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from flowerbed.common.testing import app_path, mock_reply
@@ -56,7 +58,15 @@ def test_client_train_call_directly(method):
         }
     )
     ctx = _context(run_config)
+    torch.set_num_threads(2)
     out = client_app.train(mock_reply(content), ctx).content
+    # one torch thread: FedTA is not bitwise reproducible with more (fedta.task.one_thread)
+    assert torch.get_num_threads() == 1
+    again = client_app.train(mock_reply(content), _context(run_config)).content
+    assert all(
+        np.array_equal(out["arrays"][k].numpy(), again["arrays"][k].numpy())
+        for k in again["arrays"]
+    )
     stream = client_app.stream_of(ctx, cfg, 1)
     assert list(out["info"]["classes"]) == stream[1]  # task 1 of this client's stream
     assert sorted(out["arrays"].keys()) == sorted(arrays.keys())
