@@ -224,3 +224,18 @@ def test_push_pull_transport_polls_until_all_replies_or_the_timeout(capsys):
     proto = Protocol(grid, timeout=0.05, poll_s=0.001, max_poll_s=0.005)
     rep = proto.broadcast("lost", RecordDict({"arrays": _arrays(1.0)}), [1, 2])
     assert sorted(rep.by_node()) == [1] and rep.failures == {2: "no reply within 0.05 s"}
+
+
+def test_checkpoint_and_resume_work_for_a_phased_strategy(tmp_path):
+    """A phased strategy under Checkpointed: 2 rounds, then resumed to 3, ends where an
+    uninterrupted 3-round run ends (round 3 starts from round 2's checkpointed model)."""
+    from flowerbed.common.checkpoint import FILENAME, Checkpointed, load_checkpoint
+
+    Checkpointed(TwoPhase(), tmp_path / "a").start(EchoGrid([1, 2]), _arrays(1.0), num_rounds=2)
+    assert load_checkpoint(tmp_path / "a" / FILENAME)[0] == 2
+    resumed = Checkpointed(TwoPhase(), tmp_path / "a", resume=True)
+    grid = EchoGrid([1, 2])
+    out = resumed.start(grid, _arrays(1.0), num_rounds=3)
+    assert resumed.resumed_from == 2 and len(grid.sent) == 3  # only round 3 was run
+    full = TwoPhase().start(EchoGrid([1, 2]), _arrays(1.0), num_rounds=3)
+    assert out.arrays["w"].numpy().tobytes() == full.arrays["w"].numpy().tobytes()
