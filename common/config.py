@@ -248,6 +248,11 @@ FAULTS: dict[str, Option] = {
 }
 
 
+#: The fragments of an app whose clients train a model on a partition (most apps): compose them
+#: with ``C.compose(*C.STANDARD, {app options}, num_server_rounds=...)``.
+STANDARD = (SCHEDULE, DATA, TRAIN, DEVICE, RESULTS)
+
+
 def check_pyproject(app_dir: str | Path, schema: Mapping[str, Option]) -> list[str]:
     """Differences between an app's ``[tool.flwr.app.config]`` and its schema (empty: agree).
 

@@ -108,6 +108,35 @@ def run_strategy(
     return result
 
 
+def run_method(
+    strategy: Strategy,
+    grid: Grid,
+    cfg: Mapping[str, Any],
+    writer: ResultsWriter,
+    initial_arrays: ArrayRecord,
+    evaluate_fn: Callable[[int, ArrayRecord], Mapping[str, Any] | None] | None = None,
+    num_rounds: int | None = None,
+) -> Result:
+    """:func:`run_strategy` with the run config's schedule: ``num-server-rounds`` rounds (or
+    ``num_rounds``, e.g. 1 for a one-shot method), ``round-timeout``; ``evaluate_fn(round,
+    arrays)`` may return a plain dict of metrics."""
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        res = evaluate_fn(server_round, arrays)
+        return None if res is None else MetricRecord(dict(res))
+
+    return run_strategy(
+        strategy,
+        grid,
+        initial_arrays,
+        num_rounds or int(cfg["num-server-rounds"]),
+        writer,
+        train_config=ConfigRecord({}),
+        evaluate_fn=evaluate if evaluate_fn is not None else None,
+        timeout=float(cfg["round-timeout"]),
+    )
+
+
 def with_options(strategy: Strategy, cfg: Mapping[str, Any], writer: ResultsWriter, num_nodes: int):
     """``strategy`` with the shared run-config options applied, in this order:
 

@@ -67,6 +67,25 @@ def train_reply(
     return mock_reply(content, node_id=node_id)
 
 
+def node_context(
+    partition_id: int,
+    num_partitions: int,
+    run_config: dict | None = None,
+    state: RecordDict | None = None,
+):
+    """The Context of a ClientApp call on the node holding ``partition_id`` (node id = pid + 1),
+    for calling a ClientApp function directly in a test."""
+    from flwr.app import Context
+
+    return Context(
+        run_id=1,
+        node_id=partition_id + 1,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict() if state is None else state,
+        run_config=dict(run_config or {}),
+    )
+
+
 class FakeGrid:
     """The part of a Grid that strategies' ``configure_*`` use: node ids (no network).
 

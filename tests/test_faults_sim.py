@@ -11,11 +11,11 @@ import json
 import time
 
 import pytest
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from flowerbed.common import faults
 from flowerbed.common.config import ConfigError
-from flowerbed.common.testing import TINY_FEDAVG, app_path, mock_reply
+from flowerbed.common.testing import TINY_FEDAVG, app_path, mock_reply, node_context
 
 app_path("fedavg")
 from fedavg import client_app, task  # noqa: E402
@@ -53,13 +53,7 @@ def test_bad_fault_config_names_the_value(bad, needle):
 
 
 def _ctx(cfg, pid=1):
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": pid, "num-partitions": 3},
-        state=RecordDict(),
-        run_config=dict(cfg),
-    )
+    return node_context(pid, 3, cfg)
 
 
 def _train_msg(cfg, rnd=1):

@@ -8,13 +8,13 @@ secure aggregation with Flower's SecAgg+ (``secagg``, see :mod:`fedavg.secagg`).
 import random
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedavg.task import central_evaluator, initial_arrays, label_histograms, parse_config
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.seeding import derive_seed
-from flowerbed.common.server import finish, output_dir, run_strategy, with_options
+from flowerbed.common.server import finish, output_dir, run_method, with_options
 
 app = ServerApp()
 
@@ -33,16 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         final = run_secagg(grid, context, cfg, writer, evaluate, initial_arrays(cfg), num_nodes)
     else:
         strategy = with_options(cfg.method.strategy(cfg), cfg, writer, num_nodes)
-        result = run_strategy(
-            strategy,
-            grid,
-            initial_arrays(cfg),
-            cfg["num-server-rounds"],
-            writer,
-            train_config=ConfigRecord({}),
-            evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(rnd, arrays)),
-            timeout=cfg["round-timeout"],
-        )
+        result = run_method(strategy, grid, cfg, writer, initial_arrays(cfg), evaluate)
         final = dict(result.evaluate_metrics_serverapp.get(cfg["num-server-rounds"], {}))
     writer.set("label_histograms", label_histograms(cfg, num_nodes))
     label = f"fedavg {cfg['method']}" + (" (SecAgg+)" if cfg["secagg"] else "")

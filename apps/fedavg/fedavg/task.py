@@ -20,11 +20,7 @@ from flowerbed.common.seeding import derive_seed, set_seed
 from flowerbed.common.train import evaluate, get_device
 
 SCHEMA: dict[str, C.Option] = C.compose(
-    C.SCHEDULE,
-    C.DATA,
-    C.TRAIN,
-    C.DEVICE,
-    C.RESULTS,
+    *C.STANDARD,
     C.FAULTS,
     {
         "method": C.Option("fedavg"),  # choices from the method table (fedavg.methods)

@@ -9,7 +9,7 @@ cumulative bytes also kept at rounds 1, 10 and 50); ``centralized`` trains on th
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from feddistr.task import (
@@ -24,7 +24,7 @@ from feddistr.task import (
 from flowerbed.common.protocol import wait_for_nodes
 from flowerbed.common.records import to_record, wire_nbytes
 from flowerbed.common.results import ResultsWriter
-from flowerbed.common.server import finish, output_dir, run_strategy
+from flowerbed.common.server import finish, output_dir, run_method
 
 app = ServerApp()
 
@@ -39,15 +39,8 @@ def main(grid: Grid, context: Context) -> None:
     rounds = cfg.method.flag("rounds", cfg["num-server-rounds"])
     # every factory of the table takes the server pieces it needs, by keyword
     strategy = cfg.method.strategy(cfg, **server_pieces(cfg, writer))
-    result = run_strategy(
-        strategy,
-        grid,
-        to_record(make_model(cfg)),
-        rounds,
-        writer,
-        train_config=ConfigRecord({}),
-        evaluate_fn=central_evaluator(cfg),
-        timeout=cfg["round-timeout"],
+    result = run_method(
+        strategy, grid, cfg, writer, to_record(make_model(cfg)), central_evaluator(cfg), rounds
     )
     final = final_metrics(writer, result, rounds)
     if cfg.method.flag("model_delivery"):

@@ -65,11 +65,7 @@ def save_grid(rows: list[torch.Tensor], path: str | Path, labels: list[str] | No
 
 # ---------------------------------------------------------------- run config
 SCHEMA: dict[str, C.Option] = C.compose(
-    C.SCHEDULE,
-    C.DATA,
-    C.TRAIN,
-    C.DEVICE,
-    C.RESULTS,
+    *C.STANDARD,
     {
         "method": C.Option("feddistr"),  # choices from the method table (feddistr.methods)
         "xi": C.Option(0.1, lambda v: 0 <= v < 1, "xi in [0, 1)"),

@@ -5,12 +5,12 @@ mock replies in ``strategies/feddistr_test.py``.)"""
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 
 from flowerbed.common.config import ConfigError, check_pyproject
 from flowerbed.common.partition import partition_indices, partitioners
 from flowerbed.common.records import wire_nbytes
-from flowerbed.common.testing import app_path, mock_reply
+from flowerbed.common.testing import app_path, mock_reply, node_context
 
 app_path("feddistr")
 from feddistr import client_app, task  # noqa: E402
@@ -95,13 +95,7 @@ TINY = {
 
 
 def _ctx(run_config, pid=1, n=3):
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": pid, "num-partitions": n},
-        state=RecordDict(),
-        run_config=dict(run_config),
-    )
+    return node_context(pid, n, run_config)
 
 
 def test_client_upload_direct_call_is_one_small_deterministic_message():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedqual.ldl import METRICS
@@ -26,7 +26,7 @@ from fedqual.task import (
 from flowerbed.common.protocol import wait_for_nodes
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.seeding import derive_seed
-from flowerbed.common.server import finish, output_dir, run_strategy, with_options
+from flowerbed.common.server import finish, output_dir, run_method, with_options
 
 app = ServerApp()
 
@@ -59,15 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         cfg, evaluate_each=evaluate, fit=central_fit(cfg, num_partitions)
     )
     strategy = with_options(strategy, cfg, writer, num_partitions)
-    result = run_strategy(
-        strategy,
-        grid,
-        initial_arrays(cfg),
-        cfg["num-server-rounds"],
-        writer,
-        train_config=ConfigRecord({}),
-        evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(arrays)),
-        timeout=cfg["round-timeout"],
+    result = run_method(
+        strategy, grid, cfg, writer, initial_arrays(cfg), lambda rnd, arrays: evaluate(arrays)
     )
     final = result.evaluate_metrics_serverapp[cfg["num-server-rounds"]]
     writer.set("quality_vs_level", quality_vs_level(getattr(strategy, "history", {}), levels))

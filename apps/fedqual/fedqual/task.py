@@ -37,11 +37,7 @@ from flowerbed.common.seeding import derive_seed, set_seed
 from flowerbed.common.train import get_device, train
 
 SCHEMA: dict[str, C.Option] = C.compose(
-    C.SCHEDULE,
-    C.DATA,
-    C.TRAIN,
-    C.DEVICE,
-    C.RESULTS,
+    *C.STANDARD,
     {
         "method": C.Option("fedqual"),  # choices from the method table (fedqual.methods)
         "alpha-max": C.Option(0.5, C.unit_interval, "largest calibration weight, in [0, 1]"),

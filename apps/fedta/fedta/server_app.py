@@ -8,14 +8,14 @@ metrics, the evaluation after each task with per-client values) and ``final``: `
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedta import data as D
 from fedta import task as T
 from fedta.pretrain import load_backbone
 from flowerbed.common.results import ResultsWriter
-from flowerbed.common.server import finish, output_dir, run_strategy
+from flowerbed.common.server import finish, output_dir, run_method
 
 app = ServerApp()
 
@@ -27,15 +27,8 @@ def main(grid: Grid, context: Context) -> None:
     writer = ResultsWriter(output_dir(cfg["results-dir"], "fedta"), cfg, app="fedta")
     backbone = load_backbone(cfg)  # built here (once) if the checkpoint is missing
     strategy = cfg.method.strategy(cfg, backbone=backbone, x_surrogate=D.surrogate(cfg))
-    run_strategy(
-        strategy,
-        grid,
-        T.record_of(T.initial_global(cfg, backbone)),
-        cfg["num-server-rounds"],
-        writer,
-        train_config=ConfigRecord({}),
-        timeout=cfg["round-timeout"],
-    )
+    initial = T.record_of(T.initial_global(cfg, backbone))
+    run_method(strategy, grid, cfg, writer, initial)
     if getattr(strategy, "frozen", None) is not None:
         writer.set("frozen_classes", sorted(strategy.frozen))
     finish(writer, strategy.final_metrics(), f"fedta {cfg['method']}", "accuracy", strategy)

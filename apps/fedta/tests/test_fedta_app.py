@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from flowerbed.common.testing import app_path, mock_reply
+from flowerbed.common.testing import app_path, mock_reply, node_context
 
 app_path("fedta")
 from fedta import client_app, task  # noqa: E402
@@ -35,13 +35,7 @@ TINY = {
 
 
 def _context(run_config, pid=1, n=3):
-    return Context(
-        run_id=1,
-        node_id=1,
-        node_config={"partition-id": pid, "num-partitions": n},
-        state=RecordDict(),
-        run_config=dict(run_config),
-    )
+    return node_context(pid, n, run_config)
 
 
 @pytest.mark.parametrize("method", ["fedta", "fedvit"])

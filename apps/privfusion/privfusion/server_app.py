@@ -8,12 +8,12 @@ method table is :mod:`privfusion.methods`.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from flowerbed.common.protocol import wait_for_nodes
 from flowerbed.common.results import ResultsWriter
-from flowerbed.common.server import finish, output_dir, run_strategy
+from flowerbed.common.server import finish, output_dir, run_method
 from privfusion.task import global_evaluator, initial_arrays, parse_config
 
 APP = "privfusion"
@@ -30,15 +30,14 @@ def main(grid: Grid, context: Context) -> None:
     one_shot = cfg.method.flag("one-shot", False)
     rounds = 1 if one_shot else cfg["num-server-rounds"]
     strategy = cfg.method.strategy(cfg)
-    result = run_strategy(
+    result = run_method(
         strategy,
         grid,
-        initial_arrays(cfg, one_shot),
-        rounds,
+        cfg,
         writer,
-        train_config=ConfigRecord({}),
-        evaluate_fn=None if one_shot else global_evaluator(cfg),
-        timeout=cfg["round-timeout"],
+        initial_arrays(cfg, one_shot),
+        None if one_shot else global_evaluator(cfg),
+        rounds,
     )
     prefix = cfg.method.flag("final-prefix", "")
     last = result.evaluate_metrics_serverapp.get(rounds, {})

@@ -1,11 +1,11 @@
 """Template ServerApp: config, strategy from the method table, run, final line."""
 
-from flwr.app import ConfigRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from flowerbed.common.protocol import wait_for_nodes
 from flowerbed.common.results import ResultsWriter
-from flowerbed.common.server import finish, output_dir, run_strategy, with_options
+from flowerbed.common.server import finish, output_dir, run_method, with_options
 from template.task import central_fit, evaluator, initial_arrays, parse_config
 
 app = ServerApp()
@@ -20,15 +20,8 @@ def main(grid: Grid, context: Context) -> None:
     # the factories take what they need: LocalOnly evaluate_each, Centralized fit
     strategy = cfg.method.strategy(cfg, evaluate_each=evaluate, fit=central_fit(cfg, num_nodes))
     strategy = with_options(strategy, cfg, writer, num_nodes)
-    result = run_strategy(
-        strategy,
-        grid,
-        initial_arrays(cfg),
-        cfg["num-server-rounds"],
-        writer,
-        train_config=ConfigRecord({}),
-        evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(arrays)),
-        timeout=cfg["round-timeout"],
+    result = run_method(
+        strategy, grid, cfg, writer, initial_arrays(cfg), lambda rnd, arrays: evaluate(arrays)
     )
     final = result.evaluate_metrics_serverapp.get(cfg["num-server-rounds"], {})
     finish(writer, final, f"template {cfg['method']}", "accuracy", strategy)

@@ -22,11 +22,7 @@ from flowerbed.common.train import evaluate, get_device
 
 #: every key of the app, from the shared fragments; app options go in the dict
 SCHEMA: dict[str, C.Option] = C.compose(
-    C.SCHEDULE,
-    C.DATA,
-    C.TRAIN,
-    C.DEVICE,
-    C.RESULTS,
+    *C.STANDARD,
     {"method": C.Option("fedavg")},  # choices from the method table
     num_server_rounds=3,
     dataset="digits",

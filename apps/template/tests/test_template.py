@@ -8,7 +8,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from flowerbed.common.config import ConfigError, check_pyproject
-from flowerbed.common.testing import app_path, mock_reply
+from flowerbed.common.testing import app_path, mock_reply, node_context
 
 APP = app_path("template")
 
@@ -28,13 +28,7 @@ def test_bad_key_or_value_is_one_line():
 
 
 def _ctx(pid: int, state=None) -> Context:
-    return Context(
-        run_id=1,
-        node_id=pid + 1,
-        node_config={"partition-id": pid, "num-partitions": 3},
-        state=state if state is not None else RecordDict(),
-        run_config={},
-    )
+    return node_context(pid, 3, state=state)
 
 
 def test_client_step_is_seeded_and_fedprox_reads_mu_from_the_message():
