@@ -43,7 +43,7 @@ def _fedqual_metrics(make):
     """A shared FedAvg-shaped baseline whose training metrics leave out the partition id."""
 
     def strategy(cfg, **_: Any):
-        return make(cfg, train_metrics_aggr_fn=mean_train_metrics)
+        return make(cfg, strategy_kwargs={"train_metrics_aggr_fn": mean_train_metrics})
 
     strategy.__doc__ = make.__doc__
     return strategy
