@@ -4,6 +4,7 @@ results file and per-round progress."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,50 @@ def output_dir(setting: str, app: str) -> Path:
     return root / (setting or f"{app}/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
+class _PollingGrid:
+    """A deployment Grid whose ``send_and_receive`` polls for replies every ``interval`` s.
+
+    Flower's ``HttpGrid.send_and_receive`` (the ServerApp's Grid in a deployment) sleeps 3 s
+    between two pulls of replies, so a round ends up to 3 s after its last reply arrived. This
+    does the same push and pull through the Grid's public ``push_messages`` /
+    ``pull_messages``, with a shorter sleep; everything else is the wrapped Grid's.
+    """
+
+    def __init__(self, grid: Grid, interval: float = 0.1):
+        self._grid, self._interval = grid, interval
+        import functools
+
+        http = sys.modules["flwr.superlink.grid.http_grid"]
+        if not isinstance(http.pull_objects, functools.partial):
+            http.pull_objects = functools.partial(
+                http.pull_objects, initial_backoff=0.05, backoff_cap=0.5
+            )
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        pending = set(self._grid.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list = []
+        while timeout is None or time.time() < end:
+            got = list(self._grid.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending:
+                break
+            time.sleep(self._interval)
+        return replies
+
+
+def polling_grid(grid: Grid, interval: float = 0.1) -> Grid:
+    """``grid`` wrapped in :class:`_PollingGrid` if it is Flower's ``HttpGrid``, else itself."""
+    http = sys.modules.get("flwr.superlink.grid.http_grid")
+    if http is not None and isinstance(grid, getattr(http, "HttpGrid", ())):
+        return _PollingGrid(grid, interval)  # type: ignore[return-value]
+    return grid
+
+
 def run_strategy(
     strategy: Strategy,
     grid: Grid,
@@ -61,11 +106,17 @@ def run_strategy(
     # seconds that is a visible share of the round. Poll every 10 ms instead.
     if hasattr(grid, "pull_interval"):
         grid.pull_interval = min(grid.pull_interval, 0.01)
+    grid = polling_grid(grid)
 
     def _eval(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        t_eval = time.perf_counter()
         res = evaluate_fn(server_round, arrays) if evaluate_fn else None
         now = time.perf_counter()
-        row: dict[str, Any] = {"round_time_s": round(now - t_last[0], 4)}
+        row: dict[str, Any] = {
+            "round_time_s": round(now - t_last[0], 4),
+            "eval_time_s": round(now - t_eval, 4),
+            "t_end": round(time.time(), 3),  # wall clock, to line rounds up with client logs
+        }
         t_last[0] = now
         history = getattr(strategy, "history", {})
         if server_round in history:
