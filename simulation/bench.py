@@ -522,7 +522,8 @@ def report(rows: list[dict], per_round: int) -> str:
         )
     lines += [
         "",
-        "| ratio to plain loop (100 clients) | end to end | steady round | peak PSS | peak RSS |",
+        f"| ratio to plain loop ({base['clients']} clients) | end to end | steady round "
+        "| peak PSS | peak RSS |",
         "|---|---|---|---|---|",
     ]
     for r in rows:

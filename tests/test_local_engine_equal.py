@@ -52,3 +52,21 @@ def test_local_launcher_equals_flowers_engine_bitwise(case, tmp_path):
     for rnd in (1, 2):
         for key in ("server_loss", "server_accuracy", "train_train_loss", "num_train_replies"):
             assert rows[0][rnd][key] == rows[1][rnd][key], (rnd, key)
+
+
+def test_fedqual_local_equals_engine(tmp_path):
+    """The FedQual tables are made with ``launcher=local``: the same final measures, exactly."""
+    from flowerbed.common.data import available
+    from flowerbed.simulation.inprocess import run_app
+    from flowerbed.simulation.local import run_local
+
+    if "ldl/SBU_3DFE" not in available():
+        pytest.skip("LDL data (ldl/SBU_3DFE) not present")
+    cfg = {"dataset": "ldl/SBU_3DFE", "num-server-rounds": 3, "corruption-level": 0.9, "seed": 0}
+    run_local("fedqual", {**cfg, "results-dir": str(tmp_path / "local")}, 5, num_cpus=1)
+    run_app("fedqual", {**cfg, "results-dir": str(tmp_path / "engine")}, 5, num_cpus=1)
+    recs = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("local", "engine")]
+    assert recs[0]["extra"]["final"] and recs[0]["extra"]["final"] == recs[1]["extra"]["final"]
+    assert [r.get("server_kl") for r in recs[0]["rounds"]] == [
+        r.get("server_kl") for r in recs[1]["rounds"]
+    ]
