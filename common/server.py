@@ -67,10 +67,21 @@ def run_strategy(
     pgrid = protocol_grid(grid, timeout)
     protocol = pgrid.protocol
     t_last = [time.perf_counter()]
+    t_eval = [0.0]
+
+    def timed_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        t0 = time.perf_counter()
+        res = evaluate_fn(server_round, arrays) if evaluate_fn else None
+        t_eval[0] = time.perf_counter() - t0
+        return res
 
     def after_round(server_round: int, arrays: ArrayRecord, result: Result) -> None:
         now = time.perf_counter()
-        row: dict[str, Any] = {"round_time_s": round(now - t_last[0], 4)}
+        row: dict[str, Any] = {
+            "round_time_s": round(now - t_last[0], 4),
+            "eval_time_s": round(t_eval[0], 4),  # the server-side evaluation of this round
+            "t_end": round(time.time(), 3),  # wall clock, to line rounds up with client logs
+        }
         t_last[0] = now
         if server_round in protocol.rounds:
             row.update(protocol.rounds[server_round])
@@ -98,7 +109,8 @@ def run_strategy(
             row["round_time_s"],
         )
 
-    args = (initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+    evaluate = timed_evaluate if evaluate_fn else None
+    args = (initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate)
     if isinstance(strategy, Checkpointed):
         result = strategy.start(pgrid, *args, after_round=after_round)
     else:

@@ -2,6 +2,18 @@
 authentication, SuperNodes with their partition ids, ``flwr run`` of an app, and the stop of every
 process it started (by PID, with their children), also on Ctrl-C or failure.
 
+Two settings make a deployed round cost what a simulated one costs:
+
+- threads: every SuperNode started here gets ``torch-threads`` = cores // SuperNodes (at least
+  1) in its node config, and ``OMP_NUM_THREADS`` with the same value in its environment, so
+  the ClientApps on this host share its cores instead of each using all of them
+  (:mod:`flowerbed.common.threads`);
+- ClientApp start (``clientapp_exec``): ``"warm"`` (default) runs each SuperNode with
+  ``--isolation process`` and :mod:`flowerbed.simulation.clientapp_exec` beside it, which forks
+  every ClientApp process from a process that has imported torch and flowerbed already;
+  ``"spawn"`` is the same executor with a fresh interpreter per task; ``"flower"`` is Flower's
+  default (``--isolation subprocess``: ``flower-superexec`` starts ``flwr-clientapp``).
+
 Also the process helpers other tests use (:func:`stop_tree`).
 """
 
@@ -16,9 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+from flowerbed.common.threads import host_share
 from flowerbed.simulation.flwr_cli import _toml, free_port, wait_port
 
 BIN = Path(sys.executable).parent
+CLIENTAPP_EXEC = ("warm", "spawn", "flower")
 
 
 def descendants(pid: int) -> list[int]:
@@ -173,10 +187,41 @@ class Deployment:
             d.run("fedavg", {"num-server-rounds": 2})
     """
 
-    def __init__(self, workdir: Path | str, tls: bool = True, auth: bool = True):
+    def __init__(
+        self,
+        workdir: Path | str,
+        tls: bool = True,
+        auth: bool = True,
+        clientapp_exec: str = "warm",
+        timings: bool = False,
+    ):
+        """
+        Parameters
+        ----------
+        workdir : str or Path
+            Keys, certificates, logs, Flower's home (``flwr-home``).
+        tls, auth : bool, default True
+            TLS on the SuperLink's API and SuperNode authentication.
+        clientapp_exec : {"warm", "spawn", "flower"}, default "warm"
+            How each SuperNode starts its ClientApp processes (module docstring).
+        timings : bool, default False
+            With ``warm`` or ``spawn``: every ClientApp task appends its timings to
+            ``<workdir>/timings-<partition>.jsonl``
+            (:mod:`flowerbed.simulation.clientapp_exec`).
+        """
+        if clientapp_exec not in CLIENTAPP_EXEC:
+            raise ValueError(
+                f"clientapp_exec={clientapp_exec!r}: must be one of {', '.join(CLIENTAPP_EXEC)}"
+            )
         self.dir = Path(workdir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tls, self.auth = tls, auth
+        self.clientapp_exec, self.timings = clientapp_exec, timings
+        self.secret: Path | None = None
+        if tls and clientapp_exec != "flower":  # the executor authenticates to the Runtime API
+            self.secret = self.dir / "superexec.secret"
+            self.secret.write_bytes(os.urandom(32))
+            self.secret.chmod(0o600)
         self.procs: list[subprocess.Popen] = []
         self.logs: list = []
         self.port = free_port()
@@ -205,12 +250,12 @@ class Deployment:
         self.stop()
 
     # processes ------------------------------------------------------------
-    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self.logs.append(log)
         proc = subprocess.Popen(
             cmd,
-            env=self.env,
+            env=env or self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -268,26 +313,66 @@ class Deployment:
         return p.stdout
 
     def add_supernode(
-        self, partition_id: int, num_partitions: int, register: bool = True, key: bool = True
+        self,
+        partition_id: int,
+        num_partitions: int,
+        register: bool = True,
+        key: bool = True,
+        threads: int | None = None,
     ) -> subprocess.Popen:
-        """Start a SuperNode for ``partition_id`` (its key registered first when asked)."""
+        """Start a SuperNode for ``partition_id`` (its key registered first when asked).
+
+        ``threads``: torch threads of its ClientApps; default ``cores // num_partitions`` (the
+        loopback deployment runs every partition on this host). With ``clientapp_exec`` warm
+        or spawn, the SuperNode runs with ``--isolation process`` and its executor is started
+        beside it (``clientapp-exec-<partition>.log``).
+        """
         name = f"supernode-{partition_id}"
+        threads = threads or host_share(num_partitions)
+        runtime_port = free_port()
         cmd = [
             str(BIN / "flower-supernode"),
             "--superlink",
             self.address,
             "--port",
-            str(free_port()),
+            str(runtime_port),
             "--node-config",
-            f"partition-id={partition_id} num-partitions={num_partitions}",
+            f"partition-id={partition_id} num-partitions={num_partitions} torch-threads={threads}",
         ]
         cmd += ["--root-certificates", str(self.pki["ca_cert"])] if self.tls else ["--insecure"]
-        if key:
+        if key and self.auth:  # a key without TLS makes flower-supernode exit (code 303)
             priv, pub = make_node_key(self.dir / "keys", name)
-            if register and self.auth:
+            if register:
                 self.register(pub)
             cmd += ["--auth-supernode-private-key", str(priv)]
-        return self._start(name, cmd)
+        if self.clientapp_exec != "flower":
+            cmd += ["--isolation", "process"]
+            if self.secret:
+                cmd += ["--superexec-auth-secret-file", str(self.secret)]
+        env = {**self.env, "OMP_NUM_THREADS": str(threads)}
+        node = self._start(name, cmd, env)
+        if self.clientapp_exec != "flower":
+            self._start(f"clientapp-exec-{partition_id}", self._exec_cmd(node, runtime_port), env)
+        return node
+
+    def _exec_cmd(self, node: subprocess.Popen, runtime_port: int) -> list[str]:
+        """The :mod:`~flowerbed.simulation.clientapp_exec` command beside SuperNode ``node``."""
+        part = node.args[node.args.index("--node-config") + 1].split()[0].split("=")[1]
+        cmd = [sys.executable, "-m", "flowerbed.simulation.clientapp_exec"]
+        cmd += ["--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure"]
+        cmd += ["--parent-pid", str(node.pid), "--start", self.clientapp_exec]
+        if self.secret:
+            cmd += ["--superexec-auth-secret-file", str(self.secret)]
+        if self.timings:
+            cmd += ["--timings", str(self.dir / f"timings-{part}.jsonl")]
+        return cmd
+
+    def task_timings(self) -> list[dict]:
+        """Every ClientApp task's timings (``timings=True``), from all SuperNodes."""
+        rows = []
+        for f in sorted(self.dir.glob("timings-*.jsonl")):
+            rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        return rows
 
     def node_ids(self) -> list[int]:
         """Node ids the SuperLink lists (``flwr supernode ls``)."""
@@ -352,6 +437,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-config", default="", help='"k=v k2=v2" (TOML values)')
     ap.add_argument("--workdir", default="", help="keys, certificates, logs (default: temp dir)")
     ap.add_argument("--insecure", action="store_true", help="no TLS, no auth (local trials)")
+    ap.add_argument(
+        "--clientapp-exec",
+        choices=CLIENTAPP_EXEC,
+        default="warm",
+        help="warm: ClientApps forked from a process with torch and flowerbed imported "
+        "(default); spawn: a fresh interpreter per task; flower: Flower's subprocess isolation",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per SuperNode (default: cores // SuperNodes, at least 1)",
+    )
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
     import tempfile
@@ -370,13 +468,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _term)
     secure = not args.insecure
     print(f"[flowerbed-deploy] workdir {workdir}", flush=True)
-    with Deployment(workdir, tls=secure, auth=secure) as d:
+    threads = args.threads or host_share(args.num_supernodes)
+    with Deployment(workdir, tls=secure, auth=secure, clientapp_exec=args.clientapp_exec) as d:
         try:
             d.start_superlink()
             print(f"[flowerbed-deploy] SuperLink on {d.address} (TLS, SuperNode auth: {secure})")
             for i in range(args.num_supernodes):
-                d.add_supernode(i, args.num_supernodes)
-            print(f"[flowerbed-deploy] {args.num_supernodes} SuperNodes started", flush=True)
+                d.add_supernode(i, args.num_supernodes, threads=threads)
+            print(
+                f"[flowerbed-deploy] {args.num_supernodes} SuperNodes started "
+                f"({threads} torch thread(s) each, ClientApp start: {args.clientapp_exec})",
+                flush=True,
+            )
             p = d.run(args.app, run_config, timeout=args.timeout)
             sys.stdout.write(p.stdout[-4000:])
             sys.stderr.write(p.stderr[-2000:])

@@ -62,6 +62,8 @@ def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
 
 
 def flwr_home_config(control: str, num_supernodes: int, num_cpus: float, num_gpus: float) -> str:
+    # Flower reads a whole number of CPUs as an int ("2.0" fails with a TypeError)
+    num_cpus = int(num_cpus) if float(num_cpus).is_integer() else num_cpus
     return (
         '[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
         f'address = "{control}"\ninsecure = true\n'

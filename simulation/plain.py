@@ -53,7 +53,7 @@ def run(
     t_eval = time.perf_counter()
     history = {0: evaluate(0, arrays)}
     setup = {"imports_s": t_eval - t_entry, "initial_eval_s": time.perf_counter() - t_eval}
-    times, train_times = [], []
+    times, train_times, steps = [], [], []
     for rnd in range(1, cfg["num-server-rounds"] + 1):
         t0 = time.perf_counter()
         pids = (
@@ -61,12 +61,14 @@ def run(
             if k >= num_partitions
             else sample_partitions(cfg["seed"], rnd, num_partitions, k)
         )
-        updates, train_s = [], []
+        updates, train_s, steps_s = [], [], []
         for pid in pids:
             rec, metrics = task.local_train(cfg, arrays, pid, num_partitions, rnd)
             updates.append((rec, int(metrics["num-examples"])))
             train_s.append(metrics["train-time-s"])
+            steps_s.append(metrics["steps"])
         train_times.append(sum(train_s) / len(train_s))
+        steps.append(sum(steps_s) / len(steps_s))
         arrays = weighted_mean(updates)
         history[rnd] = evaluate(rnd, arrays)
         # like the ServerApp's round time (common/server.py): training, aggregation and the
@@ -78,6 +80,7 @@ def run(
         "history": history,
         "round_times": times,
         "train_times": train_times,  # mean local-SGD wall time per client call, per round
+        "steps": steps,  # mean local SGD steps per client call, per round
         **setup,
         "arrays": arrays,
     }

@@ -73,7 +73,12 @@ def run_job(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     elif cfg.launcher == "local":
         from flowerbed.simulation.local import run_local
 
-        run_local(cfg.app.name, overrides, num_supernodes=int(cfg.app.num_supernodes))
+        run_local(
+            cfg.app.name,
+            overrides,
+            num_supernodes=int(cfg.app.num_supernodes),
+            num_cpus=float(cfg.resources.num_cpus),  # the actors' torch threads: same numbers
+        )
     elif cfg.launcher == "flwr":
         from flowerbed.simulation.flwr_cli import flwr_run
 

@@ -8,6 +8,7 @@ from fedavg.task import local_evaluate, parse_config
 from flowerbed.common.client import add_partition_query, partition_of
 from flowerbed.common.faults import maybe_inject
 from flowerbed.common.records import reply
+from flowerbed.common.threads import fit_threads
 
 app = ClientApp()
 add_partition_query(app)
@@ -15,16 +16,20 @@ add_partition_query(app)
 
 @app.train(mods=[secagg_switch])  # SecAgg+ stages go to Flower's secaggplus_mod (secagg = true)
 def train(msg: Message, context: Context) -> Message:
+    threads = fit_threads(context)  # this node's share of the host's cores (common.threads)
     cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
     if is_legacy(msg):  # the SecAgg+ workflow sends a legacy FitIns
         return legacy_train(cfg, msg, pid, n)
     maybe_inject(cfg, pid, int(msg.content["config"]["server-round"]))  # fault-* keys; off
-    return cfg.method.client(msg, context, cfg)
+    out = cfg.method.client(msg, context, cfg)
+    out.content["metrics"]["torch-threads"] = threads
+    return out
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    fit_threads(context)
     cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
     metrics = local_evaluate(cfg, msg.content["arrays"], pid, n)
