@@ -8,8 +8,8 @@ import json
 import os
 
 import pytest
-from conftest import TINY_FEDAVG
 
+from flowerbed.common.testing import TINY_FEDAVG
 from flowerbed.common.threads import host_share
 from flowerbed.simulation.bench import deploy_breakdown, parse_gpu
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_FEDAVG
+
+from flowerbed.common.testing import TINY_FEDAVG
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_FEDAVG
 
 from flowerbed.common.checkpoint import FILENAME, load_checkpoint
+from flowerbed.common.testing import TINY_FEDAVG
 
 CASES = {
     "digits": TINY_FEDAVG,

@@ -10,10 +10,10 @@ import types
 
 import pytest
 import torch
-from conftest import TINY_FEDAVG, app_path
 from flwr.app import Context, RecordDict
 
 from flowerbed.common import threads as T
+from flowerbed.common.testing import TINY_FEDAVG, app_path
 
 
 @pytest.fixture
