@@ -47,6 +47,11 @@ class _PollingGrid:
     between two pulls of replies, so a round ends up to 3 s after its last reply arrived. This
     does the same push and pull through the Grid's public ``push_messages`` /
     ``pull_messages``, with a shorter sleep; everything else is the wrapped Grid's.
+
+    A reply can be listed by the SuperLink before all its arrays have arrived there; Flower's
+    ``HttpGrid`` then retries after 1 s, 2 s, ... (at most 10 s). The first wrap binds shorter
+    backoff arguments (50 ms doubling to at most 0.5 s) to ``pull_objects`` in
+    ``flwr.superlink.grid.http_grid``, in this (ServerApp) process only; the calls are the same.
     """
 
     def __init__(self, grid: Grid, interval: float = 0.1):
