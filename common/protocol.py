@@ -361,10 +361,11 @@ class Protocol:
 def _short_http_backoff(grid: Grid) -> None:
     """In a deployment (Flower's ``HttpGrid``), pull a reply's objects with a short backoff.
 
-    ``HttpGrid.pull_messages`` fetches each reply's objects with ``pull_objects``, whose retry
-    backoff grows to seconds while a ClientApp is still running; with it a deployed round ended
-    well after its last reply was ready (measured in the issue #12 benchmark). The backoff starts
-    at 0.05 s and is capped at 0.5 s instead (Flower's own function, its keyword arguments).
+    A reply can be listed by the SuperLink before all its arrays have arrived there; Flower's
+    ``HttpGrid.pull_messages`` then retries ``pull_objects`` after 1 s, 2 s, ... (at most 10 s).
+    The first protocol on an HttpGrid binds shorter backoff arguments (50 ms doubling to at most
+    0.5 s) to ``pull_objects`` in ``flwr.superlink.grid.http_grid``, in this (ServerApp) process
+    only; the calls are the same.
     """
     import functools
     import sys

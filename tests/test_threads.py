@@ -87,6 +87,33 @@ def test_ray_actor_cpus_are_read_only_inside_a_worker(monkeypatch, restore_threa
         assert T.threads_for({}) == want  # floor(cpus), at least 1; the driver: None
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores for a 2-CPU actor")
+def test_fit_threads_in_real_ray_actors_follows_their_cpus():
+    """Workers preloaded with OMP_NUM_THREADS=1 still train with their actor's 2 CPUs."""
+    ray = pytest.importorskip("ray")
+    from flowerbed.simulation.inprocess import app_dir, backend_config, start_local_ray
+
+    start_local_ray(
+        app_dir("fedavg"), backend_config(1)["init_args"], num_actors=2, threads_per_actor=1
+    )
+    try:
+
+        @ray.remote
+        class Probe:
+            def threads(self):
+                from flowerbed.common.threads import fit_threads
+
+                return fit_threads(None)
+
+        for cpus, want in ((0.5, 1), (1, 1), (2, 2)):
+            probe = Probe.options(num_cpus=cpus).remote()
+            assert ray.get(probe.threads.remote()) == want, cpus
+            ray.kill(probe)
+        assert T.ray_actor_cpus() is None  # the driver is not an actor
+    finally:
+        ray.shutdown()
+
+
 def _train_threads(results: str) -> tuple[float, int]:
     rec = json.loads(open(results).read())
     rows = [r for r in rec["rounds"] if r["round"] >= 1]
