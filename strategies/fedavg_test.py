@@ -85,6 +85,21 @@ def test_update_norm_bound():
     assert s.history[1]["num_rejected"] == 1
 
 
+def test_update_norm_bound_is_the_distance_to_a_non_zero_global_model():
+    s = FedAvg(min_available_nodes=1, min_train_nodes=1, max_update_norm=1.0)
+    g = ArrayRecord({"w": Array(np.full((2, 2), 10.0, np.float32))})
+    list(s.configure_train(1, g, ConfigRecord(), FakeGrid([1, 2])))
+    replies = [
+        # norm 20.2 but distance 0.2 to the global model: kept
+        train_reply({"w": np.full((2, 2), 10.1, np.float32)}, 1, node_id=1),
+        # norm 0.2 but distance 19.8: rejected
+        train_reply({"w": np.full((2, 2), 0.1, np.float32)}, 1, node_id=2),
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 10.1), rtol=1e-6)
+    assert s.history[1]["num_rejected"] == 1
+
+
 def test_evaluate_aggregation_skips_bad_metrics():
     s = FedAvg()
     good = mock_reply(

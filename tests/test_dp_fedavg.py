@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from flowerbed.common.testing import FakeGrid, train_reply
+from flowerbed.common.testing import FakeGrid, mock_reply, train_reply
 from flowerbed.strategies.dpfedavg import DPFedAvg
 
 
@@ -41,6 +41,35 @@ def test_noise_std_is_z_c_over_m():
     np.random.seed(1)
     arrays, _ = s.aggregate_train(1, replies)
     assert abs(arrays["w"].numpy().std() - 0.5) < 0.01  # 1.0 * 2.0 / 4
+
+
+def test_a_dropped_or_rejected_reply_keeps_the_denominator_m_and_the_noise():
+    """m = 3 sampled: one reply fails, one is rejected (NaN); the sum of the one clipped update
+    is still divided by 3 and the noise std is still z C / 3, around a non-zero global model
+    (the update is measured from it)."""
+    m, size = 3, 30000
+    s = DPFedAvg(noise_multiplier=1e-7, clipping_norm=1.0, num_sampled_clients=m)
+    g = ArrayRecord({"w": Array(np.full(size, 2.0, np.float32))})
+    list(s.configure_train(1, g, ConfigRecord(), FakeGrid([1, 2, 3])))
+    # one good reply at distance 0.5 per entry from the global model: norm 0.5 sqrt(size) >> C
+    good = train_reply({"w": np.full(size, 2.5, np.float32)}, 10, node_id=1)
+    nan = np.full(size, 2.5, np.float32)
+    nan[0] = np.nan
+    replies = [good, mock_reply(node_id=2, error="client crashed"), train_reply({"w": nan}, 10, 3)]
+    np.random.seed(0)
+    arrays, _ = s.aggregate_train(1, replies)
+    out = arrays["w"].numpy().astype(np.float64)
+    # clipped update: 0.5 / (0.5 sqrt(size)) per entry, divided by m = 3 (not by the 1 reply)
+    np.testing.assert_allclose(out, 2.0 + 1 / math.sqrt(size) / 3, rtol=0, atol=1e-6)
+    assert s.history[1]["num_rejected"] == 1
+    # the noise: std z C / m with m = 3 even though only one reply was averaged
+    s = DPFedAvg(noise_multiplier=1.0, clipping_norm=1.5, num_sampled_clients=m)
+    list(s.configure_train(1, g, ConfigRecord(), FakeGrid([1, 2, 3])))
+    np.random.seed(1)
+    arrays, _ = s.aggregate_train(1, [good, mock_reply(node_id=2, error="x")])
+    noise = arrays["w"].numpy().astype(np.float64) - (2.0 + 1.5 / math.sqrt(size) / 3)
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 0.5) < 0.01  # 1.0 * 1.5 / 3
+    assert s.history[1]["dp_epsilon"] > 0  # the release was accounted
 
 
 def _rdp_epsilon_q1(z: float, steps: int, delta: float) -> float:
