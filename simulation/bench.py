@@ -23,7 +23,9 @@ Deployment group (``--deploy-modes``; ``--deploy-clients`` clients, all sampled 
 ``deploy`` (SuperLink + one SuperNode per client on loopback, TLS and SuperNode authentication,
 :class:`flowerbed.simulation.deploy.Deployment`, ClientApps forked from a warm process),
 ``deploy-spawn`` (the same with a fresh interpreter per ClientApp call, as Flower starts them),
-``deploy-flower`` (Flower's own ``--isolation subprocess``), against ``inprocess`` and ``plain``
+``deploy-flower`` (Flower's own ``--isolation subprocess`` and its ``flower-supernode``
+unchanged; ``deploy`` and ``deploy-spawn`` cap the SuperNodes' waits at 0.2 s,
+:mod:`flowerbed.simulation.supernode`), against ``inprocess`` and ``plain``
 on the same clients. Each SuperNode gets cores // clients torch threads and the simulation's
 actors the same share (``num_cpus`` = cores / clients), so both run all clients side by side
 with the same threads.
@@ -205,7 +207,10 @@ def _deploy(mode: str, ov: dict, clients: int, workdir: Path) -> list[dict]:
 
     start = {"deploy": "warm", "deploy-spawn": "spawn", "deploy-flower": "flower"}[mode]
     shutil.rmtree(workdir, ignore_errors=True)
-    with Deployment(workdir, clientapp_exec=start, timings=start != "flower") as d:
+    poll = None if start == "flower" else 0.2  # deploy-flower: Flower's SuperNode unchanged
+    with Deployment(
+        workdir, clientapp_exec=start, timings=start != "flower", supernode_poll=poll
+    ) as d:
         d.start_superlink()
         for i in range(clients):
             d.add_supernode(i, clients)
@@ -228,6 +233,8 @@ def _label(p: psutil.Process, root: psutil.Process) -> str:
             return Path(arg).name
         if arg == "flowerbed.simulation.clientapp_exec":
             return "clientapp-exec (ClientApps)"
+        if arg == "flowerbed.simulation.supernode":
+            return "flower-supernode"
     return Path(cmd[0]).name if cmd else p.name()
 
 

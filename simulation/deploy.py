@@ -12,7 +12,11 @@ Two settings make a deployed round cost what a simulated one costs:
   ``--isolation process`` and :mod:`flowerbed.simulation.clientapp_exec` beside it, which forks
   every ClientApp process from a process that has imported torch and flowerbed already;
   ``"spawn"`` is the same executor with a fresh interpreter per task; ``"flower"`` is Flower's
-  default (``--isolation subprocess``: ``flower-superexec`` starts ``flwr-clientapp``).
+  default (``--isolation subprocess``: ``flower-superexec`` starts ``flwr-clientapp``);
+- SuperNode waits (``supernode_poll``, default 0.2 s): each SuperNode runs through
+  :mod:`flowerbed.simulation.supernode`, Flower's own ``flower-supernode`` with its idle poll of
+  the SuperLink (3 s) and its other sleeps capped at that many seconds; ``None`` (or
+  ``--supernode-poll 0``) starts Flower's ``flower-supernode`` unchanged.
 
 Also the process helpers other tests use (:func:`stop_tree`).
 """
@@ -194,6 +198,7 @@ class Deployment:
         auth: bool = True,
         clientapp_exec: str = "warm",
         timings: bool = False,
+        supernode_poll: float | None = 0.2,
     ):
         """
         Parameters
@@ -208,6 +213,9 @@ class Deployment:
             With ``warm`` or ``spawn``: every ClientApp task appends its timings to
             ``<workdir>/timings-<partition>.jsonl``
             (:mod:`flowerbed.simulation.clientapp_exec`).
+        supernode_poll : float or None, default 0.2
+            Cap (s) on the SuperNodes' sleeps between looks at the SuperLink
+            (:mod:`flowerbed.simulation.supernode`); None: Flower's ``flower-supernode`` as it is.
         """
         if clientapp_exec not in CLIENTAPP_EXEC:
             raise ValueError(
@@ -217,6 +225,9 @@ class Deployment:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tls, self.auth = tls, auth
         self.clientapp_exec, self.timings = clientapp_exec, timings
+        if supernode_poll is not None and not supernode_poll > 0:
+            raise ValueError(f"supernode_poll={supernode_poll}: must be > 0 seconds or None")
+        self.supernode_poll = supernode_poll
         self.secret: Path | None = None
         if tls and clientapp_exec != "flower":  # the executor authenticates to the Runtime API
             self.secret = self.dir / "superexec.secret"
@@ -330,8 +341,12 @@ class Deployment:
         name = f"supernode-{partition_id}"
         threads = threads or host_share(num_partitions)
         runtime_port = free_port()
-        cmd = [
-            str(BIN / "flower-supernode"),
+        if self.supernode_poll is None:
+            cmd = [str(BIN / "flower-supernode")]
+        else:
+            cmd = [sys.executable, "-m", "flowerbed.simulation.supernode"]
+            cmd += ["--poll", str(self.supernode_poll)]
+        cmd += [
             "--superlink",
             self.address,
             "--port",
@@ -450,6 +465,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch threads per SuperNode (default: cores // SuperNodes, at least 1)",
     )
+    ap.add_argument(
+        "--supernode-poll",
+        type=float,
+        default=0.2,
+        help="cap (s) on the SuperNodes' waits between looks at the SuperLink (Flower's: 3 s "
+        "when idle); 0: Flower's flower-supernode unchanged",
+    )
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
     import tempfile
@@ -469,7 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     secure = not args.insecure
     print(f"[flowerbed-deploy] workdir {workdir}", flush=True)
     threads = args.threads or host_share(args.num_supernodes)
-    with Deployment(workdir, tls=secure, auth=secure, clientapp_exec=args.clientapp_exec) as d:
+    poll = args.supernode_poll or None
+    with Deployment(
+        workdir,
+        tls=secure,
+        auth=secure,
+        clientapp_exec=args.clientapp_exec,
+        supernode_poll=poll,
+    ) as d:
         try:
             d.start_superlink()
             print(f"[flowerbed-deploy] SuperLink on {d.address} (TLS, SuperNode auth: {secure})")
@@ -477,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
                 d.add_supernode(i, args.num_supernodes, threads=threads)
             print(
                 f"[flowerbed-deploy] {args.num_supernodes} SuperNodes started "
-                f"({threads} torch thread(s) each, ClientApp start: {args.clientapp_exec})",
+                f"({threads} torch thread(s) each, ClientApp start: {args.clientapp_exec}, "
+                f"SuperNode poll: {f'{poll} s' if poll else 'Flower'})",
                 flush=True,
             )
             p = d.run(args.app, run_config, timeout=args.timeout)
