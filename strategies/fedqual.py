@@ -13,7 +13,10 @@ information rather than raw sample size", and low-quality clients are calibrated
   (:func:`reliability_weights`), instead of FedAvg's ``n_k / sum_j n_j``;
 - the server broadcasts ``q-ref`` (the largest ``q_k`` of the previous round, 0 in round 1) and
   ``alpha-max`` in the train config, from which each client sets its calibration weight
-  ``alpha_k = alpha_max (1 - q_k / q_ref)`` clipped to [0, alpha_max] (done client-side).
+  ``alpha_k = alpha_max (1 - q_k / q_ref)`` clipped to [0, alpha_max] (done client-side);
+- with ``uniform_alpha`` set (the *uniform calibration* baseline of the paper's theorem, a
+  RECONSTRUCTION) the server also sends ``uniform-alpha`` and every client uses that same
+  weight (from round 2 on, when ``q-ref`` > 0) instead of its own ``alpha_k``.
 
 Per round, :attr:`FedQual.history` holds ``quality``, ``reliability_weight`` and ``alpha`` per
 partition id (so the estimate is visible in ``results.json``).
@@ -76,6 +79,9 @@ class FedQual(FedAvg):
     alpha_max : float, default 0.5
         Largest calibration weight, sent to the clients as ``alpha-max`` (0 disables the
         calibration: ablation "no calibration").
+    uniform_alpha : float or None, default None
+        If set, sent to the clients as ``uniform-alpha``: every client calibrates with this one
+        weight instead of its quality-specific ``alpha_k`` (baseline "uniform calibration").
     quality_key : str, default "quality"
         Reply metric holding ``q_k``.
     **kwargs
@@ -88,6 +94,7 @@ class FedQual(FedAvg):
         reliability_power: float = 1.0,
         use_reliability: bool = True,
         alpha_max: float = 0.5,
+        uniform_alpha: float | None = None,
         quality_key: str = QUALITY_KEY,
         **kwargs,
     ) -> None:
@@ -97,9 +104,12 @@ class FedQual(FedAvg):
             raise ValueError(f"reliability_power={reliability_power!r} must be >= 0")
         if not 0.0 <= alpha_max <= 1.0:
             raise ValueError(f"alpha_max={alpha_max!r} must be in [0, 1]")
+        if uniform_alpha is not None and not 0.0 <= uniform_alpha <= 1.0:
+            raise ValueError(f"uniform_alpha={uniform_alpha!r} must be in [0, 1]")
         self.reliability_power = reliability_power
         self.use_reliability = use_reliability
         self.alpha_max = alpha_max
+        self.uniform_alpha = uniform_alpha
         self.quality_key = quality_key
         self.q_ref = 0.0
 
@@ -109,14 +119,18 @@ class FedQual(FedAvg):
         log(INFO, "\t└──> FedQual:")
         log(INFO, "\t\t├── reliability_power: %s", self.reliability_power)
         log(INFO, "\t\t├── use_reliability: %s", self.use_reliability)
-        log(INFO, "\t\t└── alpha_max: %s", self.alpha_max)
+        log(INFO, "\t\t├── alpha_max: %s", self.alpha_max)
+        log(INFO, "\t\t└── uniform_alpha: %s", self.uniform_alpha)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ):
-        """FedAvg's sampling; the config also carries ``q-ref`` and ``alpha-max``."""
+        """FedAvg's sampling; the config also carries ``q-ref`` and ``alpha-max`` (and
+        ``uniform-alpha`` for the uniform-calibration baseline)."""
         config["q-ref"] = float(self.q_ref)
         config["alpha-max"] = float(self.alpha_max)
+        if self.uniform_alpha is not None:
+            config["uniform-alpha"] = float(self.uniform_alpha)
         return super().configure_train(server_round, arrays, config, grid)
 
     def check_reply(self, msg: Message, is_train: bool) -> str | None:

@@ -91,3 +91,35 @@ def test_invalid_parameters():
         FedQual(reliability_power=-1)
     with pytest.raises(ValueError, match="alpha_max"):
         FedQual(alpha_max=2)
+
+
+def test_aggregate_power_two_hand_computed():
+    # the app's default gamma = 2: n q^2 = (100 * .64, 300 * .04) = (64, 12) -> (16/19, 3/19)
+    s, _ = _configured(reliability_power=2.0)
+    arrays, _ = s.aggregate_train(1, [_reply(1.0, 100, 0.8, 0), _reply(20.0, 300, 0.2, 1)])
+    np.testing.assert_allclose(arrays["w"].numpy(), [76 / 19, 76 / 19], rtol=1e-6)  # 16+60
+    np.testing.assert_allclose(
+        [s.history[1]["reliability_weight"][k] for k in "01"], [16 / 19, 3 / 19]
+    )
+
+
+def test_q_ref_is_the_best_quality_of_the_previous_round():
+    s, _ = _configured()
+    s.aggregate_train(
+        1, [_reply(1.0, 10, 0.3, 0), _reply(1.0, 10, 0.7, 1), _reply(1.0, 10, 0.5, 2)]
+    )
+    assert s.q_ref == pytest.approx(0.7) and s.history[1]["q_ref"] == 0.0
+    s.aggregate_train(2, [_reply(1.0, 10, 0.4, 0), _reply(1.0, 10, 0.6, 1)])
+    # recorded: the reference the clients of round 2 used; then the new best
+    assert s.history[2]["q_ref"] == pytest.approx(0.7) and s.q_ref == pytest.approx(0.6)
+
+
+def test_uniform_alpha_is_sent_only_for_the_uniform_baseline():
+    _, msgs = _configured()
+    assert all("uniform-alpha" not in m.content["config"] for m in msgs)
+    s, msgs = _configured(uniform_alpha=0.3, alpha_max=0.5)
+    assert all(m.content["config"]["uniform-alpha"] == pytest.approx(0.3) for m in msgs)
+    assert all(m.content["config"]["alpha-max"] == 0.5 for m in msgs)
+    assert s.uniform_alpha == 0.3
+    with pytest.raises(ValueError, match="uniform_alpha"):
+        FedQual(uniform_alpha=1.5)

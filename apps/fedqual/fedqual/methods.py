@@ -5,6 +5,7 @@
 | ``fedqual`` | reconstruction | FedQual: reliability weights ``n_k q_k^gamma`` + calibration |
 | ``fedqual-nocal`` | ablation | FedQual without the calibration (reliability weights only) |
 | ``fedqual-noweight`` | ablation | FedQual without the reliability weights (calibration only) |
+| ``uniform-cal`` | baseline | uniform calibration: alpha = ``uniform-alpha`` for every client |
 | ``fedavg`` | baseline | FedAvg (McMahan et al., AISTATS 2017) |
 | ``fedprox`` | baseline | FedProx (Li et al., MLSys 2020): Flower's FedProx, mu = proximal-mu |
 | ``local`` | baseline | local-only: every client trains its own model, no averaging |
@@ -14,7 +15,8 @@
 Every row's strategy is called as ``strategy(cfg, evaluate_each=..., fit=...)`` by the
 ServerApp; every federated row runs the one client step :func:`fedqual.task.client_step`.
 Flags: ``calibrate`` (clients calibrate towards the anchor, the server sends ``alpha-max``),
-``reliability`` (quality-weighted aggregation), ``clean`` (centralized on the clean labels).
+``reliability`` (quality-weighted aggregation), ``uniform`` (the server sends ``uniform-alpha``
+and every client calibrates with it), ``clean`` (centralized on the clean labels).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def make_fedqual(cfg, **_: Any) -> FedQual:
         reliability_power=cfg["reliability-power"],
         use_reliability=m.flag("reliability", True),
         alpha_max=cfg["alpha-max"] if m.flag("calibrate", True) else 0.0,
+        uniform_alpha=cfg["uniform-alpha"] if m.flag("uniform", False) else None,
         **guard_kwargs(cfg),
     )
 
@@ -56,9 +59,12 @@ _CLEAN = "centralized on the pooled train split with the clean labels (rounds x 
 _NOISY = "centralized on the pooled train split as the clients annotated it (corrupted labels)"
 
 
-def _fedqual_row(name: str, kind: str, help: str, calibrate: bool, reliability: bool) -> Method:
-    """FedQual or one of its ablations: the same strategy and client step, two switches."""
-    flags = {"calibrate": calibrate, "reliability": reliability}
+def _fedqual_row(
+    name: str, kind: str, help: str, calibrate: bool, reliability: bool, uniform: bool = False
+) -> Method:
+    """FedQual, its ablations or the uniform calibration: one strategy and client step, three
+    switches."""
+    flags = {"calibrate": calibrate, "reliability": reliability, "uniform": uniform}
     return Method(name, kind, help, strategy=make_fedqual, client=client_step, flags=flags)
 
 
@@ -83,6 +89,15 @@ METHODS = MethodTable(
         "FedQual without the reliability weights (calibration only, FedAvg's n_k weights)",
         calibrate=True,
         reliability=False,
+    ),
+    _fedqual_row(
+        "uniform-cal",
+        "baseline",
+        "uniform calibration (the paper's theorem's comparison, reconstructed): every client "
+        "calibrates with alpha = uniform-alpha; FedQual's reliability weights",
+        calibrate=True,
+        reliability=True,
+        uniform=True,
     ),
     replace(_fedavg, strategy=_fedqual_metrics(_fedavg.strategy)),
     replace(_fedprox, strategy=_fedqual_metrics(_fedprox.strategy)),

@@ -41,6 +41,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
     {
         "method": C.Option("fedqual"),  # choices from the method table (fedqual.methods)
         "alpha-max": C.Option(0.5, C.unit_interval, "largest calibration weight, in [0, 1]"),
+        "uniform-alpha": C.Option(0.3, C.unit_interval, "uniform-cal: every client's weight"),
         "reliability-power": C.Option(2.0, C.non_negative, "exponent of q_k in the weights, >= 0"),
         "quality-estimator": C.Option("corr", choices=QUALITY_ESTIMATORS),
         "corruption": C.Option("combined", choices=CORRUPTIONS),
@@ -186,10 +187,18 @@ def train_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def calibration_weight(quality: float, q_ref: float, alpha_max: float) -> float:
-    """``alpha_k = alpha_max * clip(1 - q_k / q_ref, 0, 1)``; 0 without a reference (RECONSTR.)."""
+def calibration_weight(
+    quality: float, q_ref: float, alpha_max: float, uniform: float | None = None
+) -> float:
+    """``alpha_k = alpha_max * clip(1 - q_k / q_ref, 0, 1)``; 0 without a reference (RECONSTR.).
+
+    ``uniform`` (the uniform-calibration baseline): that same weight for every client, whatever
+    its quality; still 0 without a reference (round 1, no anchor yet).
+    """
     if q_ref <= 0:
         return 0.0
+    if uniform is not None:
+        return float(uniform)
     return float(alpha_max * np.clip(1.0 - quality / q_ref, 0.0, 1.0))
 
 
@@ -203,13 +212,15 @@ def local_train(
     q_ref: float = 0.0,
     alpha_max: float = 0.0,
     proximal_mu: float = 0.0,
+    uniform_alpha: float | None = None,
 ) -> tuple[ArrayRecord, dict[str, float]]:
     """One client's update from ``arrays``; FedQual calibration when the method's row has the
     ``calibrate`` flag.
 
     The quality ``q_k`` is estimated with the received model on the client's own annotations,
     before training; ``alpha_k`` follows from ``q_k``, the server's reference ``q_ref`` and its
-    ``alpha_max``. Training is the shared loop (:func:`flowerbed.common.client.local_sgd`) with
+    ``alpha_max`` (or is the server's ``uniform_alpha`` for every client: the uniform-calibration
+    baseline). Training is the shared loop (:func:`flowerbed.common.client.local_sgd`) with
     the KL loss and Adam (:func:`train_kwargs`), seeded by (seed, partition, round).
     """
     x, y, _, _ = client_data(cfg, partition_id, num_partitions)
@@ -219,7 +230,7 @@ def local_train(
     quality = quality_score(y.numpy(), p_g, cfg["quality-estimator"])
     alpha = 0.0
     if cfg.method.flag("calibrate", False):
-        alpha = calibration_weight(quality, q_ref, alpha_max)
+        alpha = calibration_weight(quality, q_ref, alpha_max, uniform_alpha)
     target = calibrated_target(y, torch.from_numpy(p_g).float(), alpha) if alpha > 0 else y
     seed = derive_seed(cfg["seed"], partition_id, server_round)
     out, stats = local_sgd(
@@ -240,6 +251,7 @@ def client_step(msg: Message, context: Context, cfg: C.RunConfig) -> Message:
     FedProx, local-only), with the server's settings read from the train config:
 
     - ``q-ref`` / ``alpha-max``: FedQual's calibration reference and largest weight (absent: 0);
+    - ``uniform-alpha``: the uniform-calibration baseline's one weight for all (absent: none);
     - ``proximal-mu``: sent by Flower's FedProx (absent: 0);
     - ``local-only`` (:class:`~flowerbed.strategies.baselines.LocalOnly`): the client continues
       from its own model (:func:`~flowerbed.common.client.start_arrays` / ``keep_local``).
@@ -255,6 +267,7 @@ def client_step(msg: Message, context: Context, cfg: C.RunConfig) -> Message:
         q_ref=float(config_get(conf, "q-ref", 0.0)),
         alpha_max=float(config_get(conf, "alpha-max", 0.0)),
         proximal_mu=float(config_get(conf, "proximal-mu", 0.0)),
+        uniform_alpha=float(conf["uniform-alpha"]) if "uniform-alpha" in conf else None,
     )
     keep_local(msg, context, arrays)
     return Message(content=reply(arrays, **metrics), reply_to=msg)

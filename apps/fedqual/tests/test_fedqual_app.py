@@ -13,6 +13,7 @@ from flowerbed.common.testing import app_path
 
 app_path("fedqual")
 
+from fedqual.ldl import quality_score  # noqa: E402
 from fedqual.methods import METHODS  # noqa: E402
 from fedqual.task import (  # noqa: E402
     SCHEMA,
@@ -20,14 +21,19 @@ from fedqual.task import (  # noqa: E402
     client_data,
     initial_arrays,
     levels_of,
+    local_train,
+    make_model,
     parse_config,
     partitions_of,
+    predict,
+    train_kwargs,
 )
 
 from flowerbed.common.config import ConfigError, check_pyproject  # noqa: E402
 from flowerbed.common.data import DataError  # noqa: E402
 from flowerbed.common.testing import mock_reply  # noqa: E402
 
+LOWER = {"chebyshev", "clark", "canberra", "kl"}
 TINY = {"dataset": "ldl/SJAFFE", "hidden": 32, "local-epochs": 1, "num-server-rounds": 2}
 
 
@@ -63,6 +69,7 @@ def test_method_table_rows_build_their_strategies():
         "fedqual",
         "fedqual-nocal",
         "fedqual-noweight",
+        "uniform-cal",
         "fedavg",
         "fedprox",
         "local",
@@ -83,6 +90,10 @@ def test_method_table_rows_build_their_strategies():
     nocal, noweight = build("fedqual-nocal"), build("fedqual-noweight")
     assert nocal.use_reliability and nocal.alpha_max == 0.0  # no calibration
     assert not noweight.use_reliability and noweight.alpha_max == 0.5  # no reliability weights
+    assert s.uniform_alpha is None and nocal.uniform_alpha is None
+    uni = build("uniform-cal", **{"uniform-alpha": 0.7, "alpha-max": 0.2})
+    assert type(uni) is FedQual and uni.uniform_alpha == 0.7 and uni.use_reliability
+    assert uni.alpha_max == 0.2 and METHODS["uniform-cal"].kind == "baseline"
     fedavg = build("fedavg")
     assert type(fedavg) is FedAvg and not isinstance(fedavg, FedQual)
     assert isinstance(build("fedprox", **{"proximal-mu": 0.2}), FedProx)
@@ -105,6 +116,10 @@ def test_calibration_weight_from_estimated_quality():
     assert calibration_weight(0.8, 0.8, 0.5) == 0.0  # the best client keeps its autonomy
     assert calibration_weight(0.2, 0.8, 0.5) == pytest.approx(0.375)  # .5 (1 - .2/.8)
     assert calibration_weight(0.9, 0.8, 0.5) == 0.0  # clipped
+    assert calibration_weight(0.0, 0.8, 0.5) == 0.5  # the worst client: alpha_max
+    assert calibration_weight(0.2, 0.8, 0.5, uniform=0.3) == 0.3  # uniform: quality ignored
+    assert calibration_weight(0.8, 0.8, 0.5, uniform=0.3) == 0.3
+    assert calibration_weight(0.2, 0.0, 0.5, uniform=0.3) == 0.0  # round 1: no anchor yet
 
 
 def test_corrupted_clients_get_noisy_labels_and_clean_test_split():
@@ -141,7 +156,10 @@ def test_client_calibrates_by_its_own_quality_estimate():
         )
         rep = train(_train_msg(pcfg, q_ref=1.0, alpha_max=0.5), ctx)
         m = rep.content["metrics"]
-        assert 0 <= m["quality"] <= 1 and m["partition-id"] == pid
+        # q_k: the estimator on the client's own annotations vs the received model's output
+        _, y, _, _ = client_data(pcfg, pid, 3)
+        assert m["quality"] == pytest.approx(quality_score(y.numpy(), _anchor(pcfg, pid, 3)))
+        assert m["partition-id"] == pid
         assert m["alpha"] == pytest.approx(0.5 * (1 - m["quality"]))  # q_ref = 1
         out[pid] = m
     # with the server reference 0 the clients do not calibrate at all
@@ -157,6 +175,98 @@ def test_client_calibrates_by_its_own_quality_estimate():
     ctx = Context(1, 0, {"partition-id": 0, "num-partitions": 3}, RecordDict(), cfg)
     ctx.run_config = {**cfg, "method": "fedqual-nocal"}
     assert train(_train_msg(pcfg, 1.0, 0.5), ctx).content["metrics"]["alpha"] == 0.0
+
+
+def _anchor(cfg, pid, n):
+    """The global anchor by hand: softmax of the initial (received) model on the client's x."""
+    import torch
+
+    from flowerbed.common.records import load_record
+
+    x, y, _, _ = client_data(cfg, pid, n)
+    model = load_record(make_model(cfg, x.shape[1], y.shape[1]), initial_arrays(cfg))
+    with torch.no_grad():
+        return torch.softmax(model(x), 1).double().numpy()
+
+
+def test_predict_is_the_softmax_of_the_model():
+    import torch
+
+    model = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    p = predict(model, torch.tensor([[np.log(2.0), np.log(3.0)]], dtype=torch.float32), "cpu")
+    np.testing.assert_allclose(p, [[2 / 6, 3 / 6, 1 / 6]], rtol=1e-6)  # e^z = (2, 3, 1)
+
+
+def test_client_trains_on_the_calibrated_target():
+    """alpha > 0: the local update is the one on (1 - alpha) d + alpha p_g, not on d."""
+    import torch
+
+    from flowerbed.common.client import local_sgd
+    from flowerbed.common.seeding import derive_seed
+
+    cfg = parse_config({**TINY, "corruption-level": 0.9})
+    pid = next(p for p, lv in enumerate(levels_of(cfg, 3)) if lv > 0)  # a corrupted client
+    x, y, _, _ = client_data(cfg, pid, 3)
+    p_g = _anchor(cfg, pid, 3)
+    q = quality_score(y.numpy(), p_g)
+    out, m = local_train(cfg, initial_arrays(cfg), pid, 3, 3, q_ref=1.0, alpha_max=0.5)
+    alpha = 0.5 * (1.0 - q)  # q_ref = 1
+    assert m["alpha"] == pytest.approx(alpha) and alpha > 0.05 and m["quality"] == q
+
+    def sgd(target):
+        model = make_model(cfg, x.shape[1], y.shape[1])
+        seed = derive_seed(cfg["seed"], pid, 3)
+        arrays, stats = local_sgd(
+            model, initial_arrays(cfg), x, target, seed, device="cpu", **train_kwargs(cfg)
+        )
+        return {k: v.numpy() for k, v in arrays.items()}, stats
+
+    mixed = (1.0 - alpha) * y + alpha * torch.from_numpy(p_g).float()
+    want, stats = sgd(mixed)
+    raw, _ = sgd(y)
+    got = {k: v.numpy() for k, v in out.items()}
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert any(not np.array_equal(got[k], raw[k]) for k in raw)
+    assert m["train_loss"] == pytest.approx(stats["train_loss"])
+
+
+def test_uniform_calibration_gives_every_client_the_same_alpha():
+    from fedqual.client_app import train
+
+    cfg = {**TINY, "corruption-level": 0.9, "method": "uniform-cal"}
+    pcfg = parse_config(cfg)
+    alphas, qualities = [], []
+    for pid in range(3):
+        msg = _train_msg(pcfg, 0.9, 0.5, **{"uniform-alpha": 0.3})
+        m = train(msg, _ctx(cfg, pid)).content["metrics"]
+        alphas.append(m["alpha"])
+        qualities.append(round(m["quality"], 6))
+    assert alphas == [0.3, 0.3, 0.3] and len(set(qualities)) == 3  # qualities differ
+    # round 1 (no reference yet): nobody calibrates
+    msg = _train_msg(pcfg, 0.0, 0.5, **{"uniform-alpha": 0.3})
+    assert train(msg, _ctx(cfg, 1)).content["metrics"]["alpha"] == 0.0
+
+
+def test_quality_estimator_switch_reaches_the_client():
+    pcfg = parse_config({**TINY, "corruption-level": 0.9, "quality-estimator": "kl"})
+    _, m = local_train(pcfg, initial_arrays(pcfg), 1, 3, 2, q_ref=0.0, alpha_max=0.5)
+    _, y, _, _ = client_data(pcfg, 1, 3)
+    p_g = _anchor(pcfg, 1, 3)
+    assert m["quality"] == pytest.approx(quality_score(y.numpy(), p_g, "kl"))
+    assert m["quality"] != pytest.approx(quality_score(y.numpy(), p_g, "corr"), abs=1e-3)
+    assert m["alpha"] == 0.0  # no reference yet
+
+
+def test_quality_vs_level_sign():
+    from fedqual.server_app import quality_vs_level
+
+    history = {1: {"quality": {"0": 0.1, "1": 0.9, "2": 0.5}}, 2: {}}
+    # cleaner client (lower level) has the higher quality: rank correlation +1
+    assert quality_vs_level(history, [0.9, 0.0, 0.45]) == {"spearman_quality_vs_clean": 1.0}
+    assert quality_vs_level(history, [0.0, 0.9, 0.45])["spearman_quality_vs_clean"] == -1.0
+    assert quality_vs_level(history, [0.0, 0.0, 0.0]) == {}
 
 
 def _ctx(run_config, pid=0, n=3):
@@ -219,8 +329,13 @@ def _check_results(path, rounds):
     rec = json.loads(path.read_text())
     final = rec["extra"]["final"]
     assert set(final) == {"chebyshev", "clark", "canberra", "kl", "cosine", "intersection"}
-    assert 0 < final["kl"] < 1 and 0.5 < final["cosine"] <= 1
     assert [r["round"] for r in rec["rounds"]] == list(range(rounds + 1))
+    # the final model is the last round's and better than the initial one on every measure
+    first, last = rec["rounds"][0], rec["rounds"][-1]
+    for k in final:
+        assert final[k] == last[f"server_{k}"], k
+        better = final[k] < first[f"server_{k}"] if k in LOWER else final[k] > first[f"server_{k}"]
+        assert better, (k, final[k], first[f"server_{k}"])
     return rec
 
 
@@ -283,6 +398,10 @@ def test_local_and_centralized_runs_without_ray(tmp_path):
     # ...and the same model when no client is corrupted
     same = [run(m, **{"corruption-level": 0.0}) for m in ("central-clean", "central-noisy")]
     assert same[0]["extra"]["final"] == same[1]["extra"]["final"]
+    # uniform calibration: every client the same alpha from round 2, none in round 1
+    uni = run("uniform-cal", **{"uniform-alpha": 0.4, "corruption-level": 0.9})
+    assert set(uni["rounds"][1]["alpha"].values()) == {0.0}
+    assert uni["rounds"][2]["alpha"] == {"0": 0.4, "1": 0.4, "2": 0.4}
 
 
 @pytest.mark.e2e

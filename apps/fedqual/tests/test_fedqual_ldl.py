@@ -8,6 +8,10 @@ from flowerbed.common.testing import app_path
 
 app_path("fedqual")
 from fedqual.ldl import (  # noqa: E402
+    _noise,
+    _random_mix,
+    _sharpen,
+    _votes,
     calibrated_target,
     client_levels,
     corrupt,
@@ -70,6 +74,19 @@ def test_kl_loss_and_calibrated_target():
         calibrated_target(t, t, 1.5)
 
 
+def test_quality_score_hand_computed():
+    # row 1: d - 1/3 = (80, -10, -70)/300, p - 1/3 = (50, -10, -40)/300:
+    # corr = 6900 / sqrt(11400 * 4200) = 0.9971765; row 2 is anti-correlated: -1, clipped to 0
+    d = np.array([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
+    p = np.array([[0.5, 0.3, 0.2], [0.7, 0.2, 0.1]])
+    assert quality_score(d, p, "corr") == pytest.approx(0.9971765 / 2, abs=1e-6)
+    # a flat annotation and a sharp anchor, p - 1/3 = 4 (d - 1/3): correlation 1
+    assert quality_score([[0.4, 0.35, 0.25]], [[0.6, 0.4, 0.0]], "corr") == pytest.approx(1.0)
+    # kl: exp(-KL(d || p)) with d the annotation: .6 ln(.6/.5) + .1 ln(.1/.2) = 0.0400781
+    # (the other direction, KL(p || d) = 0.0474679, would give 0.9536)
+    assert quality_score(d[:1], p[:1], "kl") == pytest.approx(np.exp(-0.0400781), abs=1e-6)
+
+
 def test_quality_score():
     d = np.array([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]])
     assert quality_score(d, d, "corr") == pytest.approx(1.0)
@@ -101,6 +118,38 @@ def test_corruption_model():
     assert num_annotators(0.0) == 50 and num_annotators(1.0) == 1
     with pytest.raises(ValueError, match="unknown corruption"):
         corrupt(d, 0.5, "blur")
+
+
+def test_corruption_stages_hand_computed():
+    d = np.array([[0.5, 0.3, 0.2]])
+    # sharpen at level 1/9: exponent 1 + 9/9 = 2: (.25, .09, .04) / .38
+    np.testing.assert_allclose(
+        corrupt(d, 1 / 9, "sharpen"), [[0.25 / 0.38, 0.09 / 0.38, 0.04 / 0.38]], rtol=1e-6
+    )
+    rng = np.random.default_rng(0)
+    dd = rng.dirichlet(np.ones(6), size=4000)
+    # random-mix at .5: (1 - .4) d + .4 r, r ~ Dirichlet(1) from the same seeded source
+    r = np.random.default_rng(7).dirichlet(np.ones(6), size=len(dd))
+    out = corrupt(dd, 0.5, "random-mix", np.random.default_rng(7))
+    np.testing.assert_allclose(out, 0.6 * dd + 0.4 * r, rtol=1e-5, atol=1e-7)
+    # noise at level s: a fraction s / 2 of the rows is a permutation of the clean row
+    for level in (0.5, 1.0):
+        out = corrupt(dd, level, "noise", np.random.default_rng(3))
+        np.testing.assert_allclose(np.sort(out, 1), np.sort(dd, 1), rtol=1e-5, atol=1e-7)
+        moved = np.abs(out - dd).max(1) > 1e-6
+        assert abs(moved.mean() - level / 2) < 0.03, (level, moved.mean())
+    # annotators at .5: round(50 ** .5) = 7 votes, histogram (counts + .1 / 6) / 7.1
+    out = corrupt(dd[:50], 0.5, "annotators", np.random.default_rng(4)).astype(np.float64)
+    counts = out * 7.1 - 0.1 / 6
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-4)
+    np.testing.assert_allclose(counts.sum(1), 7.0, atol=1e-4)
+    assert num_annotators(0.5) == 7 and num_annotators(0.3) == 15 and num_annotators(0.9) == 1
+    # combined: sharpen, then annotators, then noise, then random-mix, one random source
+    g = np.random.default_rng(5)
+    want = _random_mix(_noise(_votes(_sharpen(dd, 0.6), 5, g, 0.1), 0.6, g), 0.6, g)
+    out = corrupt(dd, 0.6, "combined", np.random.default_rng(5))
+    assert num_annotators(0.6) == 5
+    np.testing.assert_allclose(out, want / want.sum(1, keepdims=True), rtol=1e-5, atol=1e-7)
 
 
 def test_client_levels():
