@@ -80,7 +80,9 @@ def test_condense_matches_the_class_means_better_than_its_start():
     assert sx.shape == (6, 1, 4, 4) and sy.tolist() == [0, 0, 0, 1, 1, 1]
     for c in (0, 1):
         real = x[y == c].numpy().mean(0)
-        assert np.abs(sx[sy == c].mean(0) - real).mean() < np.abs(start[sy == c].mean(0) - real).mean()
+        assert (
+            np.abs(sx[sy == c].mean(0) - real).mean() < np.abs(start[sy == c].mean(0) - real).mean()
+        )
     again, _ = task.condense(x, y, 2, 3, 100, 1.0, seed=1)
     assert np.array_equal(sx, again)  # seeded
 
@@ -98,7 +100,9 @@ def _run(tmp_path, name, **over):
 
     out = tmp_path / name
     run_local(
-        "fedidm", {**TINY, "num-server-rounds": 4, "results-dir": str(out), **over}, num_supernodes=5
+        "fedidm",
+        {**TINY, "num-server-rounds": 4, "results-dir": str(out), **over},
+        num_supernodes=5,
     )
     return json.loads((out / "results.json").read_text())
 
