@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -257,6 +258,20 @@ class FedAvg(_FlowerFedAvg):
         arrays = self.aggregate_arrays(server_round, contents)
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return arrays, metrics
+
+    def valid_updates(self, server_round: int, replies: Iterable[Message]):
+        """For rules on update vectors (FLTrust, FedIDM): ``(good, keys, w, updates)`` with the
+        valid replies, the model's keys, the global model as one vector and each reply's update
+        ``w_k - w`` as a row; None if fewer than ``min_train_replies`` are valid."""
+        from flowerbed.common.attacks import flatten
+
+        good = self.filter_replies(server_round, replies, is_train=True)
+        if len(good) < max(self.min_train_replies, 1):
+            return None
+        keys = list(self._global.keys())
+        w = flatten(self._global, keys)
+        updates = np.stack([flatten(m.content[self.arrayrecord_key], keys) - w for m in good])
+        return good, keys, w, updates
 
     def aggregate_arrays(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
         """Weighted mean of the replies' arrays (override for other aggregation rules)."""

@@ -178,15 +178,13 @@ class FedIDM(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Reject by direction and loss rise on the condensed set; mean of the rest."""
-        good = self.filter_replies(server_round, replies, is_train=True)
-        if len(good) < max(self.min_train_replies, 1):
+        valid = self.valid_updates(server_round, replies)
+        if valid is None:
             return None, None
-        keys = list(self._global.keys())
-        w = flatten(self._global, keys)
+        good, keys, w, updates = valid
         x, y = self.condensed_set(server_round, good)
         g0 = flatten(self.train_fn(server_round, self._global, x, y), keys) - w
         loss0 = self.loss_fn(self._global, x, y)
-        updates = np.stack([flatten(m.content[self.arrayrecord_key], keys) - w for m in good])
         rises = np.array(
             [self.loss_fn(unflatten(w + u, self._global, keys), x, y) - loss0 for u in updates]
         )

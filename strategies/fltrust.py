@@ -74,15 +74,13 @@ class FLTrust(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Trust-weighted mean of the rescaled updates of the valid replies."""
-        good = self.filter_replies(server_round, replies, is_train=True)
-        if len(good) < max(self.min_train_replies, 1):
+        valid = self.valid_updates(server_round, replies)
+        if valid is None:
             return None, None
-        keys = list(self._global.keys())
-        w = flatten(self._global, keys)
+        good, keys, w, updates = valid
         g0 = flatten(self.server_update(server_round, self._global), keys) - w
         if not np.all(np.isfinite(g0)) or not np.any(g0):
             raise FLTrustError(f"round {server_round}: the server update g_0 is zero or not finite")
-        updates = np.stack([flatten(m.content[self.arrayrecord_key], keys) - w for m in good])
         delta, ts = fltrust_update(updates, g0)
         nodes = [m.metadata.src_node_id for m in good]
         row = self._round(server_round)

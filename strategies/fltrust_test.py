@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from flowerbed.common.testing import FakeGrid, mock_reply, train_reply
 from flowerbed.strategies.fltrust import FLTrust, FLTrustError, fltrust_update, trust_weights
@@ -29,10 +29,10 @@ def test_every_trust_zero_gives_a_zero_update():
 
 
 def _strategy(g0):
-    glob = ArrayRecord({"w": np.array([1.0, 1.0], dtype=np.float32)})
+    glob = ArrayRecord({"w": Array(np.array([1.0, 1.0], dtype=np.float32))})
 
     def server_update(rnd, arrays):
-        return ArrayRecord({"w": (arrays["w"].numpy() + np.float32(g0)).astype(np.float32)})
+        return ArrayRecord({"w": Array((arrays["w"].numpy() + np.float32(g0)).astype(np.float32))})
 
     s = FLTrust(server_update, min_train_nodes=1, min_available_nodes=1)
     list(s.configure_train(1, glob, ConfigRecord({}), FakeGrid([1, 2, 3])))

@@ -6,7 +6,15 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
 from flowerbed.common import attacks as A
 from flowerbed.common import config as C
@@ -147,7 +155,7 @@ class QueryGrid(FakeGrid):
 def _run_round(attack, nodes=(1, 2, 3, 4), **kw):
     """One train round of flowerbed's FedAvg under ``attack``: (aggregate, wrapper)."""
     strat = A.Attacked(FedAvg(min_train_nodes=1, min_available_nodes=1), attack, seed=3, **kw)
-    glob = ArrayRecord({"w": np.zeros(2, dtype=np.float32)})
+    glob = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     grid = QueryGrid(list(nodes))
     list(strat.configure_train(1, glob, ConfigRecord({}), grid))
     updates = {1: [1.0, 1.0], 2: [1.0, 2.0], 3: [3.0, 6.0], 4: [2.0, 4.0]}
@@ -194,7 +202,7 @@ def test_wrapper_reports_detection_of_a_defence():
 
     strat = A.Attacked(Rejecting(min_train_nodes=1, min_available_nodes=1), "sign-flip", 0.5)
     grid = QueryGrid([1, 2, 3, 4])
-    glob = ArrayRecord({"w": np.zeros(2, dtype=np.float32)})
+    glob = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     list(strat.configure_train(1, glob, ConfigRecord({}), grid))
     strat.aggregate_train(
         1, [train_reply({"w": np.ones(2, np.float32)}, 5, node_id=n) for n in (1, 2, 3, 4)]
@@ -208,7 +216,7 @@ def test_wrapper_around_flowers_median():
 
     strat = A.Attacked(FedMedian(min_train_nodes=1, min_available_nodes=1), "sign-flip", 0.25)
     grid = QueryGrid([1, 2, 3])
-    glob = ArrayRecord({"w": np.zeros(1, dtype=np.float32)})
+    glob = ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})
     msgs = list(strat.configure_train(1, glob, ConfigRecord({}), grid))
     assert len(msgs) == 3 and isinstance(msgs[0], Message)
     reps = [
