@@ -109,13 +109,16 @@ def _pairwise_sq(points: np.ndarray) -> np.ndarray:
 
 
 def largest_gamma(ok, gamma_init: float = 10.0, tol: float = 1e-5, max_iter: int = 200) -> float:
-    """Shejwalkar & Houmansadr's search: the largest ``gamma >= 0`` with ``ok(gamma)``.
+    """The largest ``gamma >= 0`` with ``ok(gamma)`` (``ok`` true up to some gamma, false after).
 
-    Starts at ``gamma_init`` with step ``gamma_init / 2``; a success moves ``gamma`` up by the
-    step, a failure down, and the step halves, until it is below ``tol``. ``ok`` must be
-    monotone (true up to some gamma, false after).
+    Shejwalkar & Houmansadr's search: from ``gamma_init`` a success moves ``gamma`` up by the
+    step, a failure down, and the step halves until it is below ``tol``. Their search cannot
+    pass ``2 * gamma_init``, so the upper end is first doubled while ``ok`` holds.
     """
-    gamma, step, best = gamma_init, gamma_init / 2, 0.0
+    hi = gamma_init
+    while ok(hi) and hi < 1e12:
+        hi *= 2
+    gamma, step, best = hi / 2, hi / 4, 0.0
     for _ in range(max_iter):
         if ok(gamma):
             best = max(best, gamma)

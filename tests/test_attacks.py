@@ -85,7 +85,7 @@ def test_poisoned_updates_collusion_uses_benign_reference():
 
 def test_label_flip():
     np.testing.assert_array_equal(A.flip_labels(np.array([0, 3, 9]), 10), [9, 6, 0])
-    cfg = {"attack": "label-flip", **_attack_cfg(fraction=0.5)}
+    cfg = {**_attack_cfg(fraction=0.5), "attack": "label-flip"}
     y = np.array([0, 1])
     np.testing.assert_array_equal(A.poison_labels(cfg, 0, 4, y, 10), [9, 8])  # pid 0 of 4
     np.testing.assert_array_equal(A.poison_labels(cfg, 2, 4, y, 10), [0, 1])  # benign
@@ -214,7 +214,8 @@ def test_wrapper_reports_detection_of_a_defence():
 def test_wrapper_around_flowers_median():
     from flwr.serverapp.strategy import FedMedian
 
-    strat = A.Attacked(FedMedian(min_train_nodes=1, min_available_nodes=1), "sign-flip", 0.25)
+    # 3 clients, fraction 0.34: floor(1.02) = 1 attacker, partition 0 (node 1)
+    strat = A.Attacked(FedMedian(min_train_nodes=1, min_available_nodes=1), "sign-flip", 0.34)
     grid = QueryGrid([1, 2, 3])
     glob = ArrayRecord({"w": Array(np.zeros(1, dtype=np.float32))})
     msgs = list(strat.configure_train(1, glob, ConfigRecord({}), grid))
