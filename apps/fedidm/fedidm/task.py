@@ -116,7 +116,8 @@ def condense(
     ``ipc`` synthetic images per class present in ``y``, initialised from random real images of
     the class, moved by SGD on the pixels (``lr``) to minimise
     ``sum_c || mean phi(x_c) - mean phi(s_c) ||^2`` with a fresh random embedder
-    ``phi(v) = relu(v W)``, ``W ~ N(0, 1/d)``, at every step. Seeded by ``seed``.
+    ``phi(v) = relu(v W)``, ``W ~ N(0, 1/d)``, at every step; pixels are kept in the range of
+    the real data. Seeded by ``seed``.
     """
     gen = torch.Generator().manual_seed(seed)
     xf = x.reshape(len(x), -1).float()
@@ -130,7 +131,7 @@ def condense(
     s = torch.cat(syn).requires_grad_(True)
     lab = torch.tensor(labels)
     opt = torch.optim.SGD([s], lr=lr, momentum=0.5)
-    d = xf.shape[1]
+    d, lo, hi = xf.shape[1], float(xf.min()), float(xf.max())
     for _ in range(steps):
         w = torch.randn(d, embed_dim, generator=gen) / math.sqrt(d)
         loss = torch.zeros(())
@@ -144,6 +145,8 @@ def condense(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        with torch.no_grad():
+            s.clamp_(lo, hi)
     shape = (len(lab), *x.shape[1:])
     return s.detach().reshape(shape).numpy().astype(np.float32), lab.numpy().astype(np.int64)
 

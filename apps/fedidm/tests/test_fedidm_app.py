@@ -75,15 +75,14 @@ def test_condense_matches_the_class_means_better_than_its_start():
     x = torch.rand(200, 1, 4, 4, generator=g)
     y = torch.arange(200) % 2
     x[y == 1] += 1.0
-    start, _ = task.condense(x, y, 2, 3, 0, 1.0, seed=1)
-    sx, sy = task.condense(x, y, 2, 3, 100, 1.0, seed=1)
+    start, _ = task.condense(x, y, 2, 3, 0, 0.1, seed=1)
+    sx, sy = task.condense(x, y, 2, 3, 100, 0.1, seed=1)
     assert sx.shape == (6, 1, 4, 4) and sy.tolist() == [0, 0, 0, 1, 1, 1]
-    for c in (0, 1):
+    for c in (0, 1):  # the synthetic class mean moves to the real one (measured: 40x closer)
         real = x[y == c].numpy().mean(0)
-        assert (
-            np.abs(sx[sy == c].mean(0) - real).mean() < np.abs(start[sy == c].mean(0) - real).mean()
-        )
-    again, _ = task.condense(x, y, 2, 3, 100, 1.0, seed=1)
+        after = np.abs(sx[sy == c].mean(0) - real).mean()
+        assert after < 0.25 * np.abs(start[sy == c].mean(0) - real).mean()
+    again, _ = task.condense(x, y, 2, 3, 100, 0.1, seed=1)
     assert np.array_equal(sx, again)  # seeded
 
 
