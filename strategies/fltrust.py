@@ -25,6 +25,7 @@ from flwr.common import log
 
 from flowerbed.common.attacks import flatten, unflatten
 from flowerbed.strategies.fedavg import FedAvg
+from flowerbed.strategies.fedidm import cosines
 
 
 class FLTrustError(RuntimeError):
@@ -33,10 +34,8 @@ class FLTrustError(RuntimeError):
 
 def trust_weights(updates: np.ndarray, g0: np.ndarray) -> np.ndarray:
     """``ReLU(cos(g_i, g_0))`` for the rows of ``updates`` (0 for a zero update)."""
-    n0 = np.linalg.norm(g0)
-    norms = np.linalg.norm(updates, axis=1)
-    cos = (updates @ g0) / np.maximum(norms * n0, 1e-12)
-    return np.maximum(cos, 0.0) * (norms > 0)
+    cos = cosines(updates, g0)
+    return np.maximum(cos, 0.0) * (np.linalg.norm(updates, axis=1) > 0)
 
 
 def fltrust_update(updates: np.ndarray, g0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
