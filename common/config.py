@@ -2,7 +2,7 @@
 
 Each app declares a schema ``{key: Option(default, check, help)}`` built with :func:`compose`
 from the shared fragments below (:data:`SCHEDULE`, :data:`DATA`, :data:`TRAIN`, :data:`DEVICE`,
-:data:`RESULTS`, :data:`FAULTS`) plus its own options, so the same key means the same thing in
+:data:`RESULTS`, :data:`FAULTS`, :data:`ATTACK`) plus its own options, so the same key means the same thing in
 every app. :func:`parse` checks a run config (``context.run_config`` or the runner's overrides)
 against it and raises :class:`ConfigError` with a one-line message naming the bad key and value
 before any work starts. With a :class:`~flowerbed.common.methods.MethodTable` it also resolves the
@@ -245,6 +245,27 @@ FAULTS: dict[str, Option] = {
     "fault-hang-s": Option(0.0, non_negative, "hang seconds >= 0 (0 = round-timeout + 5)"),
     "checkpoint": Option(False, help="write a checkpoint after every round"),
     "resume": Option(False, help="continue from the checkpoint in results-dir"),
+}
+
+
+#: Byzantine attacks (:mod:`flowerbed.common.attacks`); off by default. Any FedAvg-shaped app
+#: composes it and wraps its strategy with :func:`flowerbed.common.attacks.with_attack`.
+ATTACK: dict[str, Option] = {
+    "attack": Option(
+        "none",
+        help="none | label-flip | sign-flip | gaussian | lie | min-max | min-sum | ipm",
+        choices=("none", "label-flip", "sign-flip", "gaussian", "lie", "min-max", "min-sum", "ipm"),
+    ),
+    "attack-fraction": Option(0.0, lambda v: 0 <= v < 1, "malicious fraction in [0, 1)"),
+    "attack-select": Option(
+        "first", choices=("first", "last", "random"), help="which partitions: first | last | random"
+    ),
+    "attack-partitions": Option("", _id_list, "comma-separated malicious partition ids"),
+    "attack-collude": Option(True, help="attackers see the benign updates of the round"),
+    "attack-scale": Option(1.0, positive, "sign-flip scale, Gaussian std, IPM epsilon > 0"),
+    "attack-direction": Option(
+        "std", choices=("std", "unit"), help="min-max / min-sum direction: std | unit"
+    ),
 }
 
 

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -134,18 +135,8 @@ class FedAvg(_FlowerFedAvg):
         """Ask every node for its partition id (one ``query`` message each), once."""
         if self._partition_of is not None and set(node_ids) <= set(self._partition_of):
             return self._partition_of
-        msgs = [
-            Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
-            for n in node_ids
-        ]
-        mapping = {}
-        for rep in grid.send_and_receive(msgs, timeout=600):
-            if not rep.has_error() and "metrics" in rep.content.metric_records:
-                mapping[rep.metadata.src_node_id] = int(rep.content["metrics"][PARTITION_ID])
-        if len(mapping) != len(node_ids):
-            log(WARNING, "partition query: %d of %d nodes answered", len(mapping), len(node_ids))
-        self._partition_of = mapping
-        return mapping
+        self._partition_of, _ = query_partitions(grid, node_ids)
+        return self._partition_of
 
     def _sample(self, grid: Grid, server_round: int, fraction: float, min_nodes: int) -> list[int]:
         while len(node_ids := sorted(grid.get_node_ids())) < max(
@@ -183,6 +174,10 @@ class FedAvg(_FlowerFedAvg):
         """Content of the train and evaluate messages (override to send more than the model)."""
         return RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
 
+    #: names of ArrayRecords a reply may carry besides the model (a subclass's extra payload,
+    #: checked by its own :meth:`check_reply`)
+    extra_arrayrecords: tuple[str, ...] = ()
+
     def check_reply(self, msg: Message, is_train: bool) -> str | None:
         """Why the reply ``msg`` must be left out, or None. Subclasses may extend it."""
         content = msg.content
@@ -197,9 +192,10 @@ class FedAvg(_FlowerFedAvg):
             if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
                 return f"metric {k!r} is not finite"
         if is_train:
-            if len(content.array_records) != 1:
-                return f"expected one ArrayRecord, got {len(content.array_records)}"
-            arrays = next(iter(content.array_records.values()))
+            model = [k for k in content.array_records if k not in self.extra_arrayrecords]
+            if len(model) != 1:
+                return f"expected one ArrayRecord, got {len(model)}"
+            arrays = content[model[0]]
             return check_arrays(arrays, self._global, self.max_update_norm)
         return None
 
@@ -263,6 +259,20 @@ class FedAvg(_FlowerFedAvg):
         metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         return arrays, metrics
 
+    def valid_updates(self, server_round: int, replies: Iterable[Message]):
+        """For rules on update vectors (FLTrust, FedIDM): ``(good, keys, w, updates)`` with the
+        valid replies, the model's keys, the global model as one vector and each reply's update
+        ``w_k - w`` as a row; None if fewer than ``min_train_replies`` are valid."""
+        from flowerbed.common.attacks import flatten
+
+        good = self.filter_replies(server_round, replies, is_train=True)
+        if len(good) < max(self.min_train_replies, 1):
+            return None
+        keys = list(self._global.keys())
+        w = flatten(self._global, keys)
+        updates = np.stack([flatten(m.content[self.arrayrecord_key], keys) - w for m in good])
+        return good, keys, w, updates
+
     def aggregate_arrays(self, server_round: int, contents: list[RecordDict]) -> ArrayRecord:
         """Weighted mean of the replies' arrays (override for other aggregation rules)."""
         return aggregate_arrayrecords(contents, self.weighted_by_key)
@@ -296,6 +306,28 @@ class FedAvg(_FlowerFedAvg):
         if not good:
             return None
         return self.evaluate_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
+
+
+def query_partitions(grid: Grid, node_ids: list[int]) -> tuple[dict[int, int], int]:
+    """``({node_id: partition_id}, num_partitions)`` from one ``query`` message per node.
+
+    Needs the ClientApp's partition handler (:func:`flowerbed.common.client.add_partition_query`).
+    Used by seeded sampling (:class:`FedAvg`) and by the attack wrapper
+    (:class:`flowerbed.common.attacks.Attacked`).
+    """
+    msgs = [
+        Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n)
+        for n in node_ids
+    ]
+    mapping, num_partitions = {}, 0
+    for rep in grid.send_and_receive(msgs, timeout=600):
+        if not rep.has_error() and "metrics" in rep.content.metric_records:
+            metrics = rep.content["metrics"]
+            mapping[rep.metadata.src_node_id] = int(metrics[PARTITION_ID])
+            num_partitions = max(num_partitions, int(metrics.get("num-partitions", 0)))
+    if len(mapping) != len(node_ids):
+        log(WARNING, "partition query: %d of %d nodes answered", len(mapping), len(node_ids))
+    return mapping, num_partitions
 
 
 def _content_key(msg: Message, weight_key: str) -> tuple:

@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedavg.task import central_evaluator, initial_arrays, label_histograms, parse_config
+from flowerbed.common.attacks import with_attack
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.seeding import derive_seed
 from flowerbed.common.server import finish, output_dir, run_method, with_options
@@ -32,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
 
         final = run_secagg(grid, context, cfg, writer, evaluate, initial_arrays(cfg), num_nodes)
     else:
-        strategy = with_options(cfg.method.strategy(cfg), cfg, writer, num_nodes)
+        strategy = with_options(with_attack(cfg.method.strategy(cfg), cfg), cfg, writer, num_nodes)
         result = run_method(strategy, grid, cfg, writer, initial_arrays(cfg), evaluate)
         final = dict(result.evaluate_metrics_serverapp.get(cfg["num-server-rounds"], {}))
     writer.set("label_histograms", label_histograms(cfg, num_nodes))

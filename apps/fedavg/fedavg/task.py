@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from flowerbed.common import config as C
+from flowerbed.common.attacks import poison_labels
 from flowerbed.common.client import local_sgd, partition_of, partition_tensors, sgd_step
 from flowerbed.common.data import load_dataset
 from flowerbed.common.models import MODELS, build_model
@@ -22,6 +23,7 @@ from flowerbed.common.train import evaluate, get_device
 SCHEMA: dict[str, C.Option] = C.compose(
     *C.STANDARD,
     C.FAULTS,
+    C.ATTACK,  # Byzantine attacks (flowerbed.common.attacks), off by default
     {
         "method": C.Option("fedavg"),  # choices from the method table (fedavg.methods)
         "model": C.Option("cnn", choices=MODELS),
@@ -126,6 +128,7 @@ def client_train(msg, context, cfg: dict[str, Any]):
     """The ClientApp's training step (FedAvg, FedProx): the shared SGD step on this partition."""
     pid, n = partition_of(context)
     x, y, num_classes = client_data(cfg, pid, n)
+    y = poison_labels(cfg, pid, n, y, num_classes)  # attack = label-flip, malicious partitions
     model = make_model(cfg, x.shape[1:], num_classes)
     return sgd_step(msg, context, model, x, y, cfg["seed"], cfg["device"], **train_kwargs(cfg))
 

@@ -113,3 +113,24 @@ def test_flwr_run_end_to_end(tmp_path):
     assert rec["extra"]["final"]["accuracy"] > 0.2
     # flwr run must not have rewritten the app's pyproject
     assert (Path(app_path("fedavg")) / "pyproject.toml").read_text() == pyproject
+
+
+def test_fedavg_runs_under_a_shared_attack(tmp_path):
+    """The shared attack fragment on the reference app: sign-flip on 2 of 4 clients (scale 3)
+    drags FedAvg below the attack-free run, and results.json names the attackers."""
+    from flowerbed.simulation.local import run_local
+
+    tiny = {"dataset": "digits", "model": "mlp", "partitioner": "iid", "num-server-rounds": 3}
+    tiny.update({"local-steps": 10, "batch-size": 32, "lr": 0.1})
+    runs = {}
+    for name, over in (
+        ("clean", {}),
+        ("attacked", {"attack": "sign-flip", "attack-fraction": 0.5, "attack-scale": 3.0}),
+    ):
+        out = tmp_path / name
+        run_local("fedavg", {**tiny, **over, "results-dir": str(out)}, num_supernodes=4)
+        runs[name] = json.loads((out / "results.json").read_text())
+    clean, attacked = (runs[k]["extra"]["final"]["accuracy"] for k in ("clean", "attacked"))
+    assert clean > 0.6 and attacked < clean - 0.3
+    assert runs["attacked"]["rounds"][1]["malicious_partitions"] == [0, 1]
+    assert "malicious_partitions" not in runs["clean"]["rounds"][1]
