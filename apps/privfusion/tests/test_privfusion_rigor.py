@@ -483,3 +483,41 @@ def test_fuse_step_averages_aligned_models_with_its_own():
     assert "adapted" in out.array_records
     assert 0.8 * 0.8 < out["metrics"]["eps_adapter"] <= 0.8 + 1e-6  # the adapter's 20 % of 4
     assert isinstance(out["metrics"], MetricRecord)
+
+
+def test_align_step_passes_the_run_config_to_the_matcher(monkeypatch):
+    """matcher, act-weight and the class filter's sigma (the sender's: L = 2 hidden layers)
+    reach the matching; a class with few noisy records is left out of the profiles."""
+    import privfusion.client_app as client
+    from privfusion.client_app import _acts_record, align
+    from privfusion.task import layers_record
+
+    seen = {}
+    real_match, real_filter = client.match, client.reliable_classes
+
+    def spy_match(a, b, acts_a, acts_b, **kw):
+        seen.update(kw, acts=acts_a)
+        return real_match(a, b, acts_a, acts_b, **kw)
+
+    def spy_filter(ca, cb, sigma):
+        seen["sigma"] = sigma
+        return real_filter(ca, cb, sigma)
+
+    monkeypatch.setattr(client, "match", spy_match)
+    monkeypatch.setattr(client, "reliable_classes", spy_filter)
+    rng = np.random.default_rng(1)
+    ref = [
+        (rng.normal(size=(8, 30)), rng.normal(size=8)),
+        (rng.normal(size=(4, 8)), rng.normal(size=4)),
+        (rng.normal(size=(2, 4)), rng.normal(size=2)),
+    ]
+    acts = _acts_record([rng.random((8, 2)), rng.random((4, 2))], np.array([80.0, 3.0]))
+    state = RecordDict({"model": layers_record(ref), "acts": acts})
+    content = RecordDict({"weights": layers_record(ref), "acts": acts})
+    rc = {**BC, "epsilon": 4.0, "matcher": "sm", "act-weight": 0.7}
+    out = align(mock_reply(content), _ctx(1, 3, rc, state)).content
+    assert seen["method"] == "sm" and seen["act_weight"] == 0.7
+    assert seen["sigma"] == pytest.approx(act_sigma(parse_config(rc), 2), rel=1e-12)
+    assert seen["sigma"] > 3  # eps_act = 0.4: the class with 3 noisy records is left out
+    assert [a.shape for a in seen["acts"]] == [(8, 1), (4, 1)]
+    assert out["metrics"]["act_classes"] == 1 and out["metrics"]["moved_neurons"] == 0
