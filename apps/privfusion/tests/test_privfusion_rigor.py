@@ -266,11 +266,13 @@ def test_unary_affinity_features_and_activation_exponent():
         (np.array([[1.0, 2.0], [3.0, 4.0]]), np.array([0.5, 0.5])),
         (np.array([[1.0, -1.0]]), np.array([0.0])),
     ]
-    b = permute_layers(a, [np.array([1, 0]), None])
+    b = [(np.array([[0.0, 1.0], [2.0, 0.0]]), np.array([1.0, 0.0])), *a[1:]]
     u = unary_affinities(a, b)
     feats0a = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 2.0]])
-    feats0b = feats0a[[1, 0]]
-    np.testing.assert_allclose(u[0], _affinity(_dist(feats0a, feats0b)))
+    feats0b = np.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    d0 = np.array([[math.sqrt(3), 1.0], [1.0, 3.0]])  # by hand
+    np.testing.assert_allclose(_dist(feats0a, feats0b), d0, rtol=1e-12)
+    np.testing.assert_allclose(u[0], np.exp(-d0 / d0.mean()), rtol=1e-12)
     feats1a = np.array([[0.5, 1.0], [0.5, -1.0]])  # bias, outgoing weight to the output
     np.testing.assert_allclose(u[1], _affinity(_dist(feats1a, feats1a)))
     acts_a = [np.array([[1.0], [0.0]]), np.array([[2.0], [0.0]])]
@@ -290,8 +292,9 @@ def test_lawler_affinity_entries_hand_computed():
         (rng.normal(size=(2, 2)), rng.normal(size=2)),
     ]
     a.append((rng.normal(size=(1, 2)), rng.normal(size=1)))
-    b = permute_layers(a, [np.array([1, 0]), np.array([0, 1])])
+    b = [(rng.normal(size=w.shape), rng.normal(size=bias.shape)) for w, bias in a]
     unary = unary_affinities(a, b)
+    assert not np.allclose(unary[0], unary[0].T)  # a transposed diagonal would show
     k = lawler_affinity(a, b, unary)
     h = 4
     assert k.shape == (16, 16)
