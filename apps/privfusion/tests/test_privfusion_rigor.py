@@ -175,19 +175,8 @@ def test_dp_sgd_settings_reach_opacus_optimizer(monkeypatch):
     monkeypatch.setattr(opacus, "PrivacyEngine", Spy)
     x, y = _data(n=200, classes=2)
     model = MLP(6, 2, hidden=(5,))
-    info = sgd_train(
-        model,
-        list(model.parameters()),
-        x,
-        y,
-        epochs=2,
-        batch_size=20,
-        lr=0.1,
-        target_epsilon=3.0,
-        delta=1e-6,
-        max_grad_norm=0.37,
-        seed=1,
-    )
+    dp = {"target_epsilon": 3.0, "delta": 1e-6, "max_grad_norm": 0.37}
+    info = sgd_train(model, list(model.parameters()), x, y, epochs=2, batch_size=20, lr=0.1, **dp)
     assert seen["target_epsilon"] == 3.0 and seen["target_delta"] == 1e-6
     assert seen["max_grad_norm"] == 0.37 and seen["epochs"] == 2
     opt = seen["optimizer"]
