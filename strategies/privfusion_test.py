@@ -103,6 +103,7 @@ def _run(grid, **kw):
 
 def test_released_and_composed_epsilon_hand_computed():
     assert math.isinf(released_epsilon(-1.0)) and released_epsilon(2.5) == 2.5
+    assert released_epsilon(0.0) == 0.0  # a zero budget is not "no privacy"
     # fusing party 1: 3.6 + 0.4 = 4.0; the others keep what they reported
     assert party_epsilons({0: 3.5, 1: 3.6, 2: -1.0}, 1, 0.4) == {0: 3.5, 1: 4.0, 2: math.inf}
     assert party_epsilons({0: 3.5}, 0, -1.0) == {0: math.inf}  # adapter without privacy
@@ -134,6 +135,8 @@ def test_round_routes_reference_and_fuses_aligned_models():
     h = s.history[1]
     assert h["parties"] == 3 and h["aligned_parties"] == 2 and h["moved_neurons"] == 0 + 2
     assert h["fused_models"] == 3 and h["num_failures"] == 0
+    assert h["epsilon_max"] == pytest.approx(3.9)  # the largest per-party sum, not the smallest
+    assert s.final_metrics()["party2_epsilon"] == pytest.approx(3.7)
     row = proto.rounds[1]
     assert list(row["phases"]) == [LOCAL, ALIGN, FUSE]
     assert row["bytes_sent"] == sum(p["bytes_sent"] for p in row["phases"].values()) > 0

@@ -44,14 +44,16 @@ def test_inprocess_smoke_run(tmp_path):
     assert 1.5 * w < phases["train.fuse"]["bytes_sent"] < 2 * w
     assert phases["train.align"]["bytes_sent"] > 2 * w
     assert rounds[1]["server_privfusion_accuracy"] == fin["privfusion_accuracy"]
-    for key in (
-        "privfusion_accuracy",
-        "matched_accuracy",
-        "averaging_accuracy",
-        "ensemble_accuracy",
-    ):
-        assert 0.0 <= fin[key] <= 1.0
-    assert fin["party_best_accuracy"] > 0.75  # breast cancer: 63% majority class
+    # breast cancer: the majority class is 63.2 % of the test split (a constant predictor)
+    assert fin["party_best_accuracy"] > 0.75
+    # seed 0 measured: matched 0.912, PrivFusion 0.904, averaging 0.781, parties 0.38-0.82
+    assert fin["matched_accuracy"] > 0.7 and fin["privfusion_accuracy"] > 0.7
+    # the ensemble averages the parties' softmax outputs: not below the worst party
+    worst = min(fin[f"party{p}_accuracy"] for p in range(3))
+    assert fin["ensemble_accuracy"] >= worst
+    assert fin["party_mean_accuracy"] == pytest.approx(
+        sum(fin[f"party{p}_accuracy"] for p in range(3)) / 3
+    )
     for p in range(3):  # every party spent its budget, never more
         assert 3.0 < fin[f"party{p}_epsilon"] <= 4.0 + 1e-6
     assert fin["epsilon_max"] == max(fin[f"party{p}_epsilon"] for p in range(3))
