@@ -2,12 +2,15 @@
 
 | method | kind | what it is |
 |---|---|---|
-| ``feddistr`` | reconstruction | FedDistr: one upload of base distributions, alignment, synthesis |
+| ``feddistr`` | reconstruction | FedDistr: one upload of base distributions (means inverted
+  against the frozen generator), alignment, synthesis |
+| ``feddistr-noinv`` | ablation | FedDistr without the client-side inversion (code moments only) |
 | ``feddistr-noalign`` | ablation | FedDistr without Active Distribution Alignment (no merging) |
 | ``fedavg`` | baseline | FedAvg, ``num-server-rounds`` rounds on the same partitions |
 | ``fedprox`` | baseline | Flower's FedProx, mu = ``proximal-mu`` |
 | ``centralized`` | baseline | the classifier trained on the pooled private data |
 
+Flags read by the ClientApp: ``invert`` (False: ``inversion-steps`` is ignored, 0 steps).
 Flags read by the ServerApp: ``rounds`` (one-shot methods run that many rounds, whatever
 ``num-server-rounds`` says), ``align`` (FedDistr's alignment), ``model_delivery`` (report the
 bytes of sending the trained model to every client, which a one-shot protocol does not do) and
@@ -52,7 +55,16 @@ METHODS = MethodTable(
         "alignment, synthesis, training; one round",
         strategy=feddistr_strategy,
         client=client_upload_step,
-        flags={**ONE_SHOT, "align": True},
+        flags={**ONE_SHOT, "align": True, "invert": True},
+    ),
+    Method(
+        "feddistr-noinv",
+        "ablation",
+        "FedDistr without the client-side inversion: the clients upload the moments of their "
+        "clusters' semantic codes as they are (the default path before issue #13)",
+        strategy=feddistr_strategy,
+        client=client_upload_step,
+        flags={**ONE_SHOT, "align": True, "invert": False},
     ),
     Method(
         "feddistr-noalign",
