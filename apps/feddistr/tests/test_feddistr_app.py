@@ -44,7 +44,8 @@ def test_inprocess_smoke_run_one_upload_round(tmp_path):
     assert final["bytes_with_model_delivery"] > final["bytes_total"] + 3 * 800_000
     # the trained classifier is the round's model, evaluated by the server
     assert final["accuracy"] == rounds[1]["server_accuracy"]
-    assert final["accuracy"] > rounds[0]["server_accuracy"]
+    # the one-shot pipeline learns: clearly above chance (0.1) and the untrained model
+    assert final["accuracy"] > max(0.2, rounds[0]["server_accuracy"] + 0.1), final["accuracy"]
     assert (out / "synthetic_samples.png").stat().st_size > 1000
     hist = rec["extra"]["label_histograms"]
     assert len(hist) == 3 and sum(map(sum, hist)) == 300
