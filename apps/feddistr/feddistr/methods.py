@@ -47,32 +47,37 @@ def feddistr_strategy(
 
 ONE_SHOT = {"rounds": 1, "model_delivery": True}
 
+
+def one_shot(name: str, kind: str, description: str, align: bool, invert: bool) -> Method:
+    """A row of the one-shot FedDistr pipeline (the strategy and client step are shared)."""
+    flags = {**ONE_SHOT, "align": align, "invert": invert}
+    return Method(name, kind, description, strategy=feddistr_strategy,
+                  client=client_upload_step, flags=flags)  # fmt: skip
+
+
 METHODS = MethodTable(
-    Method(
+    one_shot(
         "feddistr",
         "reconstruction",
-        "FedDistr (Zhao et al., arXiv:2410.12530): one upload of base distributions, "
-        "alignment, synthesis, training; one round",
-        strategy=feddistr_strategy,
-        client=client_upload_step,
-        flags={**ONE_SHOT, "align": True, "invert": True},
+        "FedDistr (Zhao et al., arXiv:2410.12530): one upload of base distributions (means "
+        "inverted against the frozen generator), alignment, synthesis, training; one round",
+        align=True,
+        invert=True,
     ),
-    Method(
+    one_shot(
         "feddistr-noinv",
         "ablation",
         "FedDistr without the client-side inversion: the clients upload the moments of their "
         "clusters' semantic codes as they are (the default path before issue #13)",
-        strategy=feddistr_strategy,
-        client=client_upload_step,
-        flags={**ONE_SHOT, "align": True, "invert": False},
+        align=True,
+        invert=False,
     ),
-    Method(
+    one_shot(
         "feddistr-noalign",
         "ablation",
         "FedDistr without Active Distribution Alignment: every uploaded distribution kept",
-        strategy=feddistr_strategy,
-        client=client_upload_step,
-        flags={**ONE_SHOT, "align": False},
+        align=False,
+        invert=True,
     ),
     *baseline_methods("fedavg", "fedprox", client=client_train),
     *baseline_methods("centralized", rounds=1, raw_upload=True),
