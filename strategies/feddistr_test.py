@@ -217,3 +217,62 @@ def test_invalid_parameters():
         FedDistr(2, None, None, synthetic_per_class=0)
     with pytest.raises(ValueError, match="threshold"):
         FedDistr(2, None, None, threshold=1.5)
+
+
+# ---------------------------------------------------------------------------- rigor (#13)
+def test_merge_label_is_the_larger_count_and_a_on_ties():
+    a = d([1.0, 0.0], label=1, count=5)
+    b = d([1.0, 0.0], label=2, count=10)
+    assert F.merge(a, b).label == 2 and F.merge(b, a).label == 2
+    assert F.merge(d([1, 0], label=4, count=7), d([1, 0], label=6, count=7)).label == 4
+    # the weights are the counts, not equal: 5/15 * 1 + 10/15 * 4 = 3
+    m = F.merge(d([1.0], count=5, logstd=(0.0,)), d([4.0], count=10, logstd=(0.0,)))
+    np.testing.assert_allclose(m.mean, [3.0])
+    # E[x^2] = (1/3)(1 + 1) + (2/3)(1 + 16) = 12 ; var = 12 - 9 = 3
+    np.testing.assert_allclose(np.exp(2 * m.logstd), [3.0])
+
+
+def test_match_threshold_is_inclusive_and_masks_forbidden_pairs():
+    sim = np.array([[0.5, 0.2], [0.2, 0.49]])
+    assert F.match(sim, threshold=0.5) == [(0, 0)]  # 0.5 kept (>=), 0.49 dropped
+    # a forbidden pair is never returned even if the assignment would pick it
+    assert F.match(np.array([[0.9]]), 0.5, allowed=np.array([[False]])) == []
+
+
+def test_allocate_rounds_to_nearest():
+    # 10 * 1/3 = 3.33 -> 3, 10 * 2/3 = 6.67 -> 7 (floor would give 6)
+    got = [n for _, n in F.allocate([d([1, 0], count=1), d([0, 1], count=2)], 10)]
+    assert got == [3, 7]
+
+
+def test_check_upload_shape_reasons():
+    ok = {
+        "mean": np.zeros((2, 4), np.float32),
+        "logstd": np.zeros((2, 4), np.float32),
+        "label": np.array([0, 9]),
+        "count": np.array([1, 6]),
+    }
+    assert F.check_upload(ok, 4) is None  # label 9 and count 1 are valid
+    assert "shapes" in F.check_upload({**ok, "logstd": np.zeros((1, 4))}, 4)
+    assert "label/count" in F.check_upload({**ok, "label": np.array([0])}, 4)
+    inf = ok["logstd"].copy()
+    inf[1, 2] = np.inf
+    assert "NaN or Inf" in F.check_upload({**ok, "logstd": inf}, 4)
+    assert "labels" in F.check_upload({**ok, "label": np.array([-1, 0])}, 4)
+
+
+def test_synthetic_labels_are_the_labels_of_their_conditions():
+    # every synthetic sample is drawn from one consolidated distribution and carries its label
+    uploads = {
+        1: upload(0, [[1.0, 0.0], [0.0, 1.0], [0.3, -1.0]], [4, 7, 7], [10, 30, 10]),
+        2: upload(1, [[-1.0, 0.2]], [2], [5]),
+    }
+    s, calls = _strategy()
+    _round(s, UploadGrid(uploads))
+    x, y = calls["train"]
+    by_mean = {tuple(np.float32(c.mean)): c.label for c in s.consolidated}
+    assert [by_mean[tuple(row)] for row in x] == y
+    # class 7: 10 samples split 30:10 between its two distributions
+    assert y == [2] * 10 + [4] * 10 + [7] * 10
+    np.testing.assert_array_equal(x[20:28], np.repeat([[0.0, 1.0]], 8, axis=0))
+    np.testing.assert_allclose(x[28:30], np.repeat([[0.3, -1.0]], 2, axis=0), rtol=1e-6)

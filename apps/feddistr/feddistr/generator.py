@@ -329,6 +329,32 @@ def invert(
 
 
 @torch.no_grad()
+def denoising_loss(
+    gen: Generator,
+    z0: torch.Tensor,
+    cluster: torch.Tensor,
+    mean: torch.Tensor,
+    logstd: torch.Tensor,
+    draws: int = 64,
+    seed: int = 0,
+) -> float:
+    """The inversion objective ``E ||eps - eps_theta(z_t, t, c)||^2``, ``c ~ N(m_j, s_j^2)``,
+    estimated with a FIXED draw (``seed``: the same ``z``, ``t``, ``eps`` and unit noise of ``c``
+    for any parameters), ``draws`` samples per cluster: comparable across parameter values."""
+    g = torch.Generator().manual_seed(seed)
+    sched = scheduler(gen.cfg)
+    k = len(mean)
+    members = [torch.nonzero(cluster == j).flatten() for j in range(k)]
+    idx = torch.cat([m[torch.randint(0, len(m), (draws,), generator=g)] for m in members])
+    owner = torch.repeat_interleave(torch.arange(k), draws)
+    zb = z0[idx]
+    noise = torch.randn(zb.shape, generator=g)
+    t = torch.randint(0, gen.cfg.train_timesteps, (len(zb),), generator=g)
+    c = mean[owner] + logstd[owner].exp() * torch.randn(len(zb), mean.shape[1], generator=g)
+    return float(F.mse_loss(gen.eps(sched.add_noise(zb, noise, t), t, c), noise))
+
+
+@torch.no_grad()
 def sample(
     gen: Generator,
     mean: torch.Tensor,

@@ -73,8 +73,8 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "test-size": C.Option(5000, C.positive, "number of test images > 0"),
         "generator": C.Option("default", choices=("default", "tiny")),
         "clusters-per-class": C.Option(3, C.positive, "k-means clusters per local class > 0"),
-        "inversion-steps": C.Option(0, C.non_negative, "inversion steps >= 0"),
-        "inversion-lr": C.Option(0.05, C.positive, "inversion learning rate > 0"),
+        "inversion-steps": C.Option(100, C.non_negative, "inversion steps >= 0"),
+        "inversion-lr": C.Option(0.01, C.positive, "inversion learning rate > 0"),
         "match-threshold": C.Option(0.5, lambda v: -1 <= v <= 1, "cosine threshold in [-1, 1]"),
         "match-same-label": C.Option(True),
         "synthetic-per-class": C.Option(200, C.positive, "synthetic images per class > 0"),
@@ -240,18 +240,33 @@ def make_model(cfg: dict[str, Any]) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------- FedDistr client step
+def cluster_moments(mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, log s)`` of one cluster's codes: ``m = mean(mu)``,
+    ``s^2 = var(mu) + mean(exp(logvar))`` (the spread of the posterior means plus the encoder's
+    own noise: the moments of the mixture of the members' ``q(c | x)``), ``s^2 >= 1e-6``."""
+    var = mu.var(0, unbiased=False) + logvar.exp().mean(0)
+    return mu.mean(0), 0.5 * var.clamp_min(1e-6).log()
+
+
+def inversion_steps(cfg) -> int:
+    """Inversion steps of this run: ``inversion-steps``, or 0 for a method whose ``invert``
+    flag is False (the ``feddistr-noinv`` ablation: the code moments are uploaded as they are)."""
+    return cfg["inversion-steps"] if cfg.method.flag("invert", True) else 0
+
+
 def client_upload(cfg: dict[str, Any], pid: int, k: int) -> tuple[dict[str, np.ndarray], dict]:
     """Split local data into base distributions and fit one Gaussian condition per cluster.
 
     Per local class: k-means (``clusters-per-class``) on the semantic codes ``mu(x)`` of the
     frozen generator; per cluster, the moments of the codes (plus the encoder noise) give
-    ``(m, log s)``; ``m`` is then refined by :func:`feddistr.generator.invert`
-    (textual-inversion style, ``s`` kept) for ``inversion-steps`` steps. Returns the arrays to
-    upload and metrics.
+    ``(m, log s)`` (:func:`cluster_moments`); ``m`` is then refined by
+    :func:`feddistr.generator.invert` (textual-inversion style, ``s`` kept) for
+    ``inversion-steps`` steps (the default path; method ``feddistr-noinv``: no inversion).
+    Returns the arrays to upload and metrics.
     """
     from sklearn.cluster import KMeans
 
-    from feddistr.generator import invert, load_or_build
+    from feddistr.generator import denoising_loss, invert, load_or_build
 
     seed = derive_seed(cfg["seed"], pid, 1)
     torch.manual_seed(seed)
@@ -279,23 +294,17 @@ def client_upload(cfg: dict[str, Any], pid: int, k: int) -> tuple[dict[str, np.n
             if len(members) == 0:
                 continue
             cluster[members] = len(labels)
-            m = mu[members]
-            var = m.var(0, unbiased=False) + logvar[members].exp().mean(0)
+            m_j, logstd_j = cluster_moments(mu[members], logvar[members])
             labels.append(c)
             counts.append(len(members))
-            means.append(m.mean(0))
-            logstds.append(0.5 * var.clamp_min(1e-6).log())
+            means.append(m_j)
+            logstds.append(logstd_j)
     z0 = gen.latents(x)
     g = torch.Generator().manual_seed(seed)
+    steps = inversion_steps(cfg)
+    mean0, logstd0 = torch.stack(means), torch.stack(logstds)
     mean, logstd, loss = invert(
-        gen,
-        z0,
-        cluster,
-        torch.stack(means),
-        torch.stack(logstds),
-        cfg["inversion-steps"],
-        lr=cfg["inversion-lr"],
-        generator=g,
+        gen, z0, cluster, mean0, logstd0, steps, lr=cfg["inversion-lr"], generator=g
     )
     arrays = {
         "mean": mean.numpy().astype(np.float32),
@@ -303,7 +312,11 @@ def client_upload(cfg: dict[str, Any], pid: int, k: int) -> tuple[dict[str, np.n
         "label": np.asarray(labels, np.int64),
         "count": np.asarray(counts, np.int64),
     }
-    return arrays, {"num-examples": len(x), "num-distributions": len(labels), "inv-loss": loss}
+    metrics = {"num-examples": len(x), "num-distributions": len(labels), "inv-loss": loss}
+    if steps > 0:  # the objective at the code moments and at the uploaded means, same draw
+        metrics["inv-loss-init"] = denoising_loss(gen, z0, cluster, mean0, logstd0, seed=seed)
+        metrics["inv-loss-final"] = denoising_loss(gen, z0, cluster, mean, logstd, seed=seed)
+    return arrays, metrics
 
 
 def client_upload_step(msg: Message, context: Context, cfg: dict[str, Any]) -> Message:
