@@ -152,23 +152,7 @@ def test_stage2_uses_lambda2_and_the_global_prototypes():
 
 
 def test_local_prototypes_are_class_means_of_the_anchored_features():
-    cfg = T.parse_config(
-        {
-            "vit-dim": 8,
-            "vit-heads": 2,
-            "pool-size": 3,
-            "top-n": 2,
-            "num-anchors": 4,
-            "local-epochs": 1,
-            "batch-size": 4,
-        }
-    )
-    torch.manual_seed(0)
-    from flowerbed.common.models import TinyViT, freeze
-
-    bb = freeze(TinyViT(dim=8, heads=2, depth=1))
-    shared = {"prompts": torch.randn(3, 2, 8), "keys": torch.randn(3, 8)}
-    personal = T.initial_personal(cfg, 8, 0)
+    cfg, bb, shared, personal = _tiny_setup()
     x, y = torch.rand(6, 1, 28, 28), torch.tensor([1, 1, 4, 4, 4, 1])
     res = T.train_fedta(cfg, bb, shared, personal, {}, x, y, torch.Generator().manual_seed(0))
     f_ta, _, _ = T.fedta_features(cfg, bb, res.upload, res.personal, x, use_ta=True)
@@ -180,6 +164,7 @@ def test_local_prototypes_are_class_means_of_the_anchored_features():
     for c in (1, 4):
         counts = torch.bincount(j[y == c], minlength=4)
         torch.testing.assert_close(res.proto_keys[c], res.personal["ta_keys"][counts.argmax()])
+    assert not torch.equal(res.personal["ta"], personal["ta"])  # stage 2 trained the anchors
     # without tail anchors: prototypes are the class means of F_out, no keys are uploaded
     res = T.train_fedta(
         cfg, bb, shared, personal, {}, x, y, torch.Generator().manual_seed(0), use_ta=False
@@ -188,7 +173,6 @@ def test_local_prototypes_are_class_means_of_the_anchored_features():
     torch.testing.assert_close(res.protos[4], f_out[y == 4].mean(0))
     assert res.proto_keys == {}
     torch.testing.assert_close(res.personal["ta"], personal["ta"])  # stage 2 skipped
-    assert not torch.equal(res.personal["ta"], personal["ta"])  # stage 2 trained the anchors
 
 
 # ---------------------------------------------------------------- data layout
