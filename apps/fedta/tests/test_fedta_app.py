@@ -97,7 +97,9 @@ def test_inprocess_smoke_fedta(tmp_path):
     res = json.loads((out / "results.json").read_text())
     final = res["extra"]["final"]
     assert {"acc_t1", "acc_t2", "kr_t", "kr_s", "upload_bytes_per_client_round"} <= set(final)
-    assert 0.0 <= final["acc_t2"] <= 1.0 and final["kr_t"] >= 0 and final["kr_s"] > 0
+    # after task 2 each client is tested on its 4 classes among >= 4 seen ones: chance <= 0.25
+    # (measured 0.475); the global model keeps most of the local model's accuracy (0.93)
+    assert final["acc_t2"] > 0.3 and final["kr_s"] > 0.5
     rounds = {r["round"]: r for r in res["rounds"]}
     assert sorted(rounds) == [0, 1, 2]
     assert [rounds[r]["num_train_replies"] for r in (1, 2)] == [3, 3]
@@ -120,7 +122,6 @@ def test_inprocess_smoke_fedta(tmp_path):
     # the upload: a 4 x 2 x 16 prompt pool, 4 x 16 keys, 2 classes x (prototype + TA key)
     assert final["upload_values_per_client_round"] == 4 * 2 * 16 + 4 * 16 + 2 * (16 + 16)
     assert rounds[1]["num_global_protos"] >= 2  # BGPS picked one per uploaded class
-    assert -1.0 <= rounds[1]["bgps_mean_score"] <= 1.0
 
 
 @pytest.mark.e2e
