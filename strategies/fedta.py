@@ -23,7 +23,8 @@ and ``k.<class>`` with the tail-anchor key it matched, both ``(D,)``). The serve
 The federated continual-learning schedule is :class:`ContinualSchedule`, shared by FedTA and the
 baselines (:class:`ContinualFedAvg`): round ``r`` belongs to task ``(r - 1) // rounds_per_task``;
 its train config carries ``task``, ``round-in-task`` and ``bgps-freeze`` (whether BGPS may
-freeze in this round); federated evaluation runs only on the last round of each task, with the
+freeze in this round: from round ``bgps_warmup`` of each task and from server round
+``bgps_start_round`` of the run); federated evaluation runs only on the last round of each task, with the
 classes the federation has seen (``seen-classes``); the strategy keeps the per-task evaluations
 and computes the final metrics (``acc_t<k>``, KR_t Eq. 11, KR_s Eq. 12, upload per client and
 round) with :meth:`ContinualSchedule.final_metrics`.
@@ -243,7 +244,8 @@ class ContinualSchedule:
 
     Round ``r`` (1-based) trains task ``(r - 1) // rounds_per_task``, round-in-task
     ``(r - 1) % rounds_per_task``. The train config of each round gets ``task``,
-    ``round-in-task`` and ``bgps-freeze`` (``round-in-task >= bgps_warmup``). Federated
+    ``round-in-task`` and ``bgps-freeze`` (``round-in-task >= bgps_warmup`` and
+    ``server_round >= bgps_start_round``). Federated
     evaluation runs on the last round of each task only (:meth:`configure_evaluate` returns no
     message otherwise) with ``task`` and ``seen-classes`` (every class a valid training reply
     listed in its ``info`` ConfigRecord so far). Evaluation replies carry a ``pid`` metric (the
@@ -258,17 +260,26 @@ class ContinualSchedule:
         Federated rounds per task.
     bgps_warmup : int, default 0
         Rounds of each task before BGPS may freeze a prototype.
+    bgps_start_round : int, default 1
+        First server round (1-based, of the whole run) in which BGPS may freeze a prototype
+        (the run-level warm-up; 1 = none).
     **kwargs
         Passed to the next class of the MRO (:class:`flowerbed.strategies.fedavg.FedAvg`).
 
     Raises
     ------
     ScheduleError
-        If ``num_tasks`` or ``rounds_per_task`` is below 1 or ``bgps_warmup`` is negative.
+        If ``num_tasks`` or ``rounds_per_task`` is below 1, ``bgps_warmup`` is negative or
+        ``bgps_start_round`` is below 1.
     """
 
     def __init__(
-        self, num_tasks: int = 1, rounds_per_task: int = 1, bgps_warmup: int = 0, **kwargs
+        self,
+        num_tasks: int = 1,
+        rounds_per_task: int = 1,
+        bgps_warmup: int = 0,
+        bgps_start_round: int = 1,
+        **kwargs,
     ) -> None:
         if num_tasks < 1 or rounds_per_task < 1:
             raise ScheduleError(
@@ -276,10 +287,13 @@ class ContinualSchedule:
             )
         if bgps_warmup < 0:
             raise ScheduleError(f"bgps_warmup={bgps_warmup!r} must be >= 0")
+        if bgps_start_round < 1:
+            raise ScheduleError(f"bgps_start_round={bgps_start_round!r} must be >= 1")
         super().__init__(**kwargs)
         self.num_tasks = num_tasks
         self.rounds_per_task = rounds_per_task
         self.bgps_warmup = bgps_warmup
+        self.bgps_start_round = bgps_start_round
         self.seen: set[int] = set()
         self.evaluations: dict[int, dict[int, dict]] = {}
         self.uploads: list[int] = []
@@ -290,10 +304,12 @@ class ContinualSchedule:
         super().summary()
         log(
             INFO,
-            "\t└──> Continual schedule: %d tasks x %d rounds (BGPS may freeze from round %d)",
+            "\t└──> Continual schedule: %d tasks x %d rounds (BGPS may freeze from round %d "
+            "of each task and from server round %d)",
             self.num_tasks,
             self.rounds_per_task,
             self.bgps_warmup,
+            self.bgps_start_round,
         )
 
     # ------------------------------------------------------------------ schedule
@@ -302,8 +318,12 @@ class ContinualSchedule:
         return divmod(server_round - 1, self.rounds_per_task)
 
     def may_freeze(self, server_round: int) -> bool:
-        """Whether BGPS may freeze prototypes in ``server_round``."""
-        return self.position(server_round)[1] >= self.bgps_warmup
+        """Whether BGPS may freeze prototypes in ``server_round``: after the warm-up of the task
+        and of the run."""
+        return (
+            self.position(server_round)[1] >= self.bgps_warmup
+            and server_round >= self.bgps_start_round
+        )
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -548,6 +568,7 @@ class FedTA(ContinualSchedule, FedAvg):
                 target,
             )
             extra["sikf_loss"] = loss
+            extra["sikf_target_node"] = good[target].metadata.src_node_id
         else:
             prompts, keys = average_pools(pools, weights)
         local = [

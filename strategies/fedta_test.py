@@ -280,7 +280,66 @@ def test_schedule_final_metrics_hand_computed():
 
 def test_fedta_freezes_only_from_bgps_warmup():
     # two orthogonal prototypes: row means (1 + 0) / 2 = 0.5 < thr = 0.9, frozen if allowed
+    protos = {"p.0": np.eye(8)[0], "p.1": np.eye(8)[1]}
     for warmup, frozen in ((1, set()), (0, {0, 1})):
         s = _strategy(bgps_thr=0.9, rounds_per_task=2, bgps_warmup=warmup, sikf_steps=0)
-        s.aggregate_train(1, [_reply(1, *_pool(1), {"p.0": np.eye(8)[0], "p.1": np.eye(8)[1]})])
+        s.aggregate_train(1, [_reply(1, *_pool(1), protos)])
         assert s.frozen == frozen
+        s.aggregate_train(2, [_reply(1, *_pool(1), protos)])  # round-in-task 1: after warm-up
+        assert s.frozen == {0, 1}
+    # above the threshold nothing is frozen, even after the warm-up (0.5 is not < 0.5)
+    s = _strategy(bgps_thr=0.5, rounds_per_task=1, sikf_steps=0)
+    s.aggregate_train(1, [_reply(1, *_pool(1), protos)])
+    assert s.frozen == set() and sorted(s.global_protos) == [0, 1]
+
+
+def test_sikf_loss_is_the_mean_mse_over_the_other_pools_hand_computed():
+    # one step: the returned loss is Eq. 8 at the start, 1/(n-1) sum_{j != i} MSE(V(E'_i), V(E'_j))
+    # with the drawn pool's prompts and the averaged keys; target 1, so pool 1 is no teacher
+    bb = _tiny_backbone()
+    x = torch.rand(12, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    pools = [_pool(1), _pool(2), _pool(3)]
+    _, keys_avg = average_pools(pools, [1.0, 2.0, 1.0])
+    e = bb.embed(x)
+    q = bb.features(e)
+    student = prompted_features(bb, e, q, pools[1][0], keys_avg, 2)[0]
+    teachers = [prompted_features(bb, e, q, p, k, 2)[0] for p, k in (pools[0], pools[2])]
+    mse = [float(((student - t) ** 2).mean()) for t in teachers]
+    prompts, keys, loss = sikf(pools, [1.0, 2.0, 1.0], bb, x, top_n=2, steps=1, lr=0.01, target=1)
+    assert loss == pytest.approx((mse[0] + mse[1]) / 2, rel=1e-5)
+    torch.testing.assert_close(keys, keys_avg)
+    # the drawn pool moved (one Adam step of lr 0.01 moves every used entry by about 0.01)
+    assert 0.005 < float((prompts - pools[1][0]).abs().max()) < 0.02
+
+
+def test_strategy_draws_the_sikf_target_at_random_per_round():
+    s = _strategy(use_sikf=True, sikf_steps=1, bgps_thr=-1.0)
+    pools = [_pool(1), _pool(2), _pool(3)]
+    targets = []
+    for rnd in range(1, 9):
+        replies = [_reply(n + 1, *p, {"p.0": np.eye(8)[n]}) for n, p in enumerate(pools)]
+        arrays, _ = s.aggregate_train(rnd, replies)
+        t = s.history[rnd]["sikf_target_node"] - 1  # node n + 1 sent pool n
+        targets.append(t)
+        # the distilled pool is the drawn one (the order of the teachers does not matter)
+        want, _, _ = sikf(pools, [10.0] * 3, s.backbone, s.x_surrogate, 2, 1, 1e-3, t)
+        np.testing.assert_allclose(arrays["prompts"].numpy(), want.numpy(), rtol=1e-6)
+    assert len(set(targets)) == 3  # every pool is drawn in 8 rounds (seeded)
+
+
+def test_bgps_start_round_no_freezing_before_it_freezing_from_it():
+    # two orthogonal prototypes: row means 0.5 < thr = 0.9; one round per task, no task warm-up
+    s = _strategy(bgps_thr=0.9, num_tasks=5, rounds_per_task=1, bgps_warmup=0, bgps_start_round=3)
+    grid = FakeGrid([1])
+    g = _pool_record(*_pool(0))
+    for rnd, frozen in ((1, set()), (2, set()), (3, {0, 1, 2})):
+        conf = list(s.configure_train(rnd, g, ConfigRecord(), grid))[0].content["config"]
+        assert conf["bgps-freeze"] is (rnd >= 3)
+        protos = {"p.0": np.eye(8)[0], "p.1": np.eye(8)[1], "p.2": np.eye(8)[2]}
+        s.aggregate_train(rnd, [_reply(1, *_pool(1), protos)])
+        assert s.frozen == frozen and s.history[rnd]["num_frozen"] == len(frozen)
+    # the task warm-up still applies from the start round on (round-in-task >= bgps_warmup)
+    s = ContinualFedAvg(num_tasks=3, rounds_per_task=2, bgps_warmup=1, bgps_start_round=3)
+    assert [s.may_freeze(r) for r in range(1, 7)] == [False, False, False, True, False, True]
+    with pytest.raises(ScheduleError, match="bgps_start_round=0"):
+        ContinualFedAvg(num_tasks=2, rounds_per_task=1, bgps_start_round=0)

@@ -6,6 +6,7 @@
 | ``fedta-no-ta`` | ablation | FedTA without tail anchors (prototypes of the prompted features) |
 | ``fedta-no-sikf`` | ablation | FedTA, server averages the prompt pools instead of SIKF |
 | ``fedta-no-bgps`` | ablation | FedTA, server takes the mean prototype per class (no BGPS, no freezing) |
+| ``fedta-warmup`` | reconstruction | FedTA, BGPS freezes only from server round ``bgps-start-round`` |
 | ``l2p`` | baseline | L2P-style prompt pool + head, FedAvg-averaged (our small re-creation) |
 | ``fedvit`` | baseline | frozen ViT, linear head only, FedAvg-averaged (our small re-creation) |
 | ``fedavg`` | baseline | FedAvg (McMahan et al., AISTATS 2017): the whole ViT + head fine-tuned |
@@ -13,8 +14,10 @@
 Every row runs on the continual schedule of :mod:`flowerbed.strategies.fedta` (FedTA rows:
 :class:`~flowerbed.strategies.fedta.FedTA`; baselines:
 :class:`~flowerbed.strategies.fedta.ContinualFedAvg`). Flags read by the app: ``prototypes``
-(FedTA's client), ``ta``, ``sikf``, ``bgps`` (its switches), ``prompts``, ``head``, ``finetune``
-(the shared parameters of a baseline).
+(FedTA's client), ``ta``, ``sikf``, ``bgps`` (its switches), ``run-warmup`` (BGPS freezes only
+from server round ``bgps-start-round``: the run-level warm-up of the third-party schedule "Thr
+from round 20", a Reconstruction), ``prompts``, ``head``, ``finetune`` (the shared parameters of a
+baseline).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def schedule_kwargs(cfg) -> dict[str, Any]:
 
 
 def make_fedta(cfg, backbone, x_surrogate, **_: Any) -> FedTA:
-    """:class:`FedTA` with the row's SIKF / BGPS switches."""
+    """:class:`FedTA` with the row's SIKF / BGPS switches and BGPS warm-up."""
     return FedTA(
         backbone=backbone,
         x_surrogate=x_surrogate,
@@ -52,6 +55,7 @@ def make_fedta(cfg, backbone, x_surrogate, **_: Any) -> FedTA:
         use_bgps=cfg.method.flag("bgps"),
         bgps_thr=cfg["bgps-thr"],
         seed=cfg["seed"],
+        bgps_start_round=cfg["bgps-start-round"] if cfg.method.flag("run-warmup") else 1,
         **schedule_kwargs(cfg),
     )
 
@@ -61,11 +65,11 @@ def make_continual_fedavg(cfg, **_: Any) -> ContinualFedAvg:
     return ContinualFedAvg(**schedule_kwargs(cfg))
 
 
-FEDTA = {"prototypes": True, "ta": True, "sikf": True, "bgps": True}
+FEDTA = {"prototypes": True, "ta": True, "sikf": True, "bgps": True, "run-warmup": False}
 
 
-def _fedta(name: str, kind: str, help: str, **off: bool) -> Method:
-    return Method(name, kind, help, make_fedta, fedta_step, {**FEDTA, **off})
+def _fedta(name: str, kind: str, help: str, **flags: bool) -> Method:
+    return Method(name, kind, help, make_fedta, fedta_step, {**FEDTA, **flags})
 
 
 def _baseline(name: str, help: str, **flags: bool) -> Method:
@@ -77,6 +81,12 @@ METHODS = MethodTable(
     _fedta("fedta-no-ta", "ablation", "FedTA without tail anchors", ta=False),
     _fedta("fedta-no-sikf", "ablation", "FedTA, prompt pools averaged instead of SIKF", sikf=False),
     _fedta("fedta-no-bgps", "ablation", "FedTA, mean prototype per class, no BGPS", bgps=False),
+    _fedta(
+        "fedta-warmup",
+        "reconstruction",
+        "FedTA, BGPS freezes only from server round bgps-start-round (run-level warm-up)",
+        **{"run-warmup": True},
+    ),
     _baseline("l2p", "L2P-style prompt pool + head, FedAvg (re-creation)", prompts=True, head=True),
     _baseline("fedvit", "frozen ViT, linear head only, FedAvg (re-creation)", head=True),
     *(

@@ -44,13 +44,14 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "samples-per-class": C.Option(300, C.positive, "images per class over all clients > 0"),
         "min-samples": C.Option(10, C.positive, "images per class per client > 0"),
         "test-per-class": C.Option(100, C.positive, "test images per class > 0"),
-        "pretrain-size": C.Option(6000, C.positive, "pre-training images > 0"),
-        "pretrain-epochs": C.Option(3, C.positive, "pre-training epochs > 0"),
+        "pretrain-size": C.Option(40000, C.positive, "pre-training images > 0"),
+        "pretrain-epochs": C.Option(15, C.positive, "pre-training epochs > 0"),
+        "pretrain-augment": C.Option(True, help="random 2-pixel shifts and mirrors"),
         "surrogate-per-class": C.Option(20, C.positive, "surrogate images per class > 0"),
         # --- backbone
         "vit-patch": C.Option(7, lambda v: v in (2, 4, 7, 14), "patch size dividing 28"),
-        "vit-dim": C.Option(64, C.positive, "embedding dim > 0"),
-        "vit-depth": C.Option(2, C.positive, "transformer blocks > 0"),
+        "vit-dim": C.Option(96, C.positive, "embedding dim > 0"),
+        "vit-depth": C.Option(4, C.positive, "transformer blocks > 0"),
         "vit-heads": C.Option(4, C.positive, "attention heads > 0 dividing vit-dim"),
         # --- FedTA client
         "pool-size": C.Option(10, C.positive, "prompt pool entries M > 0"),
@@ -68,6 +69,8 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "sikf-lr": C.Option(0.001, C.positive, "SIKF learning rate > 0"),
         "bgps-thr": C.Option(0.5, lambda v: -1 <= v <= 1, "threshold in [-1, 1]"),
         "bgps-warmup": C.Option(1, C.non_negative, "rounds of a task before BGPS may freeze >= 0"),
+        # the run-level warm-up, read by the rows with the flag run-warmup (fedta-warmup)
+        "bgps-start-round": C.Option(4, C.positive, "first server round BGPS may freeze in > 0"),
     },
     num_server_rounds=10,
     fraction_evaluate=1.0,
@@ -203,6 +206,23 @@ def contrastive_loss(f_ta, y, protos: dict[int, torch.Tensor], tau: float) -> to
     return F.cross_entropy(logits[has], y[has])
 
 
+def ie_loss(logits, y, query, selected_keys, lambda1: float) -> torch.Tensor:
+    """Eq. 3: ``CE(logits, y) + lambda1 * mean_b sum_s dis(K_in, K_s)`` (cosine distance of the
+    query ``(B, D)`` to each of its selected keys ``(B, N, D)``; the pull of keys to queries)."""
+    pull = cosine_distance(query[:, None, :], selected_keys).sum(1).mean()
+    return F.cross_entropy(logits, y) + lambda1 * pull
+
+
+def ta_loss(logits, y, f_ta, anchor_keys, protos, tau: float, lambda2: float, lambda3: float):
+    """Eq. 6: ``CE(logits, y) + lambda2 * L_cons (Eq. 5) + lambda3 * mean_b dis(F_TA, K_s^ta)``
+    (``anchor_keys`` ``(B, D)``: the key of each sample's selected anchor)."""
+    return (
+        F.cross_entropy(logits, y)
+        + lambda2 * contrastive_loss(f_ta, y, protos, tau)
+        + lambda3 * cosine_distance(f_ta, anchor_keys).mean()
+    )
+
+
 def masked(logits: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """Logits with every class outside ``classes`` set to -inf."""
     mask = torch.full((NUM_CLASSES,), float("-inf"))
@@ -261,9 +281,7 @@ def train_fedta(
         for idx in _batches(n, cfg["batch-size"], gen):
             e, q = e_all[idx], q_all[idx]
             f_out, sel = prompted_features(backbone, e, q, prompts, keys, cfg["top-n"])
-            logits = F.linear(f_out, *head_params)
-            pull = cosine_distance(q[:, None, :], keys[sel]).sum(1).mean()
-            loss = F.cross_entropy(logits, y[idx]) + cfg["lambda1"] * pull
+            loss = ie_loss(F.linear(f_out, *head_params), y[idx], q, keys[sel], cfg["lambda1"])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -282,10 +300,15 @@ def train_fedta(
                 f_out = f_out_all[idx]
                 j = select_anchor(f_out, personal["ta_keys"].detach())
                 f_ta = mix(f_out, personal["ta"][j], personal["gate"], cfg["mix"])
-                loss = (
-                    F.cross_entropy(F.linear(f_ta, *head_params), y[idx])
-                    + cfg["lambda2"] * contrastive_loss(f_ta, y[idx], protos, cfg["tau"])
-                    + cfg["lambda3"] * cosine_distance(f_ta, personal["ta_keys"][j]).mean()
+                loss = ta_loss(
+                    F.linear(f_ta, *head_params),
+                    y[idx],
+                    f_ta,
+                    personal["ta_keys"][j],
+                    protos,
+                    cfg["tau"],
+                    cfg["lambda2"],
+                    cfg["lambda3"],
                 )
                 opt.zero_grad()
                 loss.backward()

@@ -38,7 +38,7 @@ def _context(run_config, pid=1, n=3):
     return node_context(pid, n, run_config)
 
 
-@pytest.mark.parametrize("method", ["fedta", "fedvit"])
+@pytest.mark.parametrize("method", ["fedta", "fedta-no-ta", "fedvit"])
 def test_client_train_call_directly(method):
     run_config = {**TINY, "num-tasks": 2, "num-server-rounds": 2, "method": method}
     cfg = task.parse_config(run_config)
@@ -65,10 +65,24 @@ def test_client_train_call_directly(method):
     assert list(out["info"]["classes"]) == stream[1]  # task 1 of this client's stream
     assert sorted(out["arrays"].keys()) == sorted(arrays.keys())
     assert out["metrics"]["num-examples"] > 0
-    # only the FedTA methods upload prototypes, one per class of the task
+    # exactly what a reply carries (README "What is sent"): the shared parameters, the metrics,
+    # the class list and, for FedTA, one prototype per class of the task plus (with tail anchors)
+    # the one TA key that class matched most; never the TA values, the gate or the private head
+    assert sorted(out.keys()) == sorted(
+        ["arrays", "metrics", "info"] + ["protos"] * (method != "fedvit")
+    )
     protos = sorted(out["protos"].keys()) if "protos" in out.array_records else []
-    want = [f"{k}.{c}" for k in "kp" for c in sorted(stream[1])] if method == "fedta" else []
-    assert protos == want
+    kinds = {"fedta": "kp", "fedta-no-ta": "p", "fedvit": ""}[method]
+    assert protos == [f"{k}.{c}" for k in kinds for c in sorted(stream[1])]
+    if method == "fedta":
+        ta_keys = task.tensors_of(ctx.state["personal"])["ta_keys"].numpy()
+        for c in stream[1]:
+            k = out["protos"][f"k.{c}"].numpy()
+            assert min(np.abs(ta_keys - k).max(axis=1)) == 0.0  # a row of the private key bank
+        private = task.tensors_of(ctx.state["personal"])
+        sent = [a.numpy() for rec in out.array_records.values() for a in rec.values()]
+        for name in ("ta", "head.weight"):
+            assert not any(a.shape == private[name].shape for a in sent), name
 
 
 def test_inprocess_smoke_fedta(tmp_path):
@@ -83,7 +97,9 @@ def test_inprocess_smoke_fedta(tmp_path):
     res = json.loads((out / "results.json").read_text())
     final = res["extra"]["final"]
     assert {"acc_t1", "acc_t2", "kr_t", "kr_s", "upload_bytes_per_client_round"} <= set(final)
-    assert 0.0 <= final["acc_t2"] <= 1.0 and final["kr_t"] >= 0 and final["kr_s"] > 0
+    # after task 2 each client is tested on its 4 classes among >= 4 seen ones: chance <= 0.25
+    # (measured 0.475); the global model keeps most of the local model's accuracy (0.93)
+    assert final["acc_t2"] > 0.3 and final["kr_s"] > 0.5
     rounds = {r["round"]: r for r in res["rounds"]}
     assert sorted(rounds) == [0, 1, 2]
     assert [rounds[r]["num_train_replies"] for r in (1, 2)] == [3, 3]
@@ -106,7 +122,6 @@ def test_inprocess_smoke_fedta(tmp_path):
     # the upload: a 4 x 2 x 16 prompt pool, 4 x 16 keys, 2 classes x (prototype + TA key)
     assert final["upload_values_per_client_round"] == 4 * 2 * 16 + 4 * 16 + 2 * (16 + 16)
     assert rounds[1]["num_global_protos"] >= 2  # BGPS picked one per uploaded class
-    assert -1.0 <= rounds[1]["bgps_mean_score"] <= 1.0
 
 
 @pytest.mark.e2e

@@ -57,7 +57,37 @@ def test_prototype_logits_and_contrastive_loss():
     assert float(T.contrastive_loss(f, torch.tensor([2, 7]), {}, 0.5)) == 0.0
 
 
-def test_local_prototypes_are_class_means_of_the_anchored_features():
+def test_ie_loss_eq3_hand_computed():
+    # CE + lambda1 * mean over samples of the SUM over selected keys of (1 - cos(query, key))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    y = torch.tensor([0, 0])
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[[3.0, 0.0], [0.0, 1.0]], [[0.0, 2.0], [1.0, 1.0]]])  # (B, N, D)
+    ce = (np.log(1 + np.exp(-2.0)) + np.log(1 + np.exp(1.0))) / 2
+    pull = ((0 + 1) + (0 + 1 - 2**-0.5)) / 2
+    assert float(T.ie_loss(logits, y, q, keys, 2.0)) == pytest.approx(ce + 2 * pull, rel=1e-6)
+    assert float(T.ie_loss(logits, y, q, keys, 0.0)) == pytest.approx(ce, rel=1e-6)
+
+
+def test_ta_loss_eq6_hand_computed():
+    # CE(head) + lambda2 * L_cons (Eq. 5, cosine / tau) + lambda3 * mean (1 - cos(F_TA, K_ta))
+    logits = torch.tensor([[1.0, 0.0, 0.0]])
+    y = torch.tensor([2])
+    f_ta = torch.tensor([[3.0, 0.0]])
+    anchor_keys = torch.tensor([[1.0, 1.0]])
+    protos = {2: torch.tensor([1.0, 0.0]), 7: torch.tensor([0.0, 1.0])}
+    # note: logits has 3 columns, class 2 is the last
+    ce = -np.log(1 / (np.e + 2))
+    cons = -np.log(np.exp(2.0) / (np.exp(2.0) + 1))  # tau 0.5: cos 1 -> 2, cos 0 -> 0
+    dis = 1 - 2**-0.5
+    got = T.ta_loss(logits, y, f_ta, anchor_keys, protos, 0.5, 2.0, 3.0)
+    assert float(got) == pytest.approx(ce + 2 * cons + 3 * dis, rel=1e-6)
+    # no global prototypes yet (the first round): no contrastive term
+    got = T.ta_loss(logits, y, f_ta, anchor_keys, {}, 0.5, 2.0, 3.0)
+    assert float(got) == pytest.approx(ce + 3 * dis, rel=1e-6)
+
+
+def _tiny_setup(**over):
     cfg = T.parse_config(
         {
             "vit-dim": 8,
@@ -67,6 +97,7 @@ def test_local_prototypes_are_class_means_of_the_anchored_features():
             "num-anchors": 4,
             "local-epochs": 1,
             "batch-size": 4,
+            **over,
         }
     )
     torch.manual_seed(0)
@@ -74,14 +105,74 @@ def test_local_prototypes_are_class_means_of_the_anchored_features():
 
     bb = freeze(TinyViT(dim=8, heads=2, depth=1))
     shared = {"prompts": torch.randn(3, 2, 8), "keys": torch.randn(3, 8)}
-    personal = T.initial_personal(cfg, 8, 0)
+    return cfg, bb, shared, T.initial_personal(cfg, 8, 0)
+
+
+def test_stage1_pulls_the_selected_keys_towards_the_queries():
+    # a large lambda1: the selected keys must get closer (cosine) to their queries; with the sign
+    # of the pull flipped they move away
+    cfg, bb, shared, personal = _tiny_setup(**{"lambda1": 20.0, "local-epochs": 5, "lr": 0.05})
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([1, 4] * 4)
+    from flowerbed.common.models import select_topk
+
+    def closeness(keys):
+        q = bb.features(bb.embed(x))
+        sel = select_topk(q, keys, 2)
+        return float(torch.nn.functional.cosine_similarity(q[:, None], keys[sel], dim=-1).mean())
+
+    res = T.train_fedta(cfg, bb, shared, personal, {}, x, y, torch.Generator().manual_seed(0))
+    assert closeness(res.upload["keys"]) > closeness(shared["keys"]) + 0.2
+
+
+def test_stage2_uses_lambda2_and_the_global_prototypes():
+    # Eq. 6 in training: with global prototypes, lambda2 = 0 and lambda2 = 5 train other anchors;
+    # without global prototypes (first round) lambda2 has no effect (L_cons is skipped)
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([1, 4] * 4)
+    g = torch.Generator().manual_seed(9)
+    protos = {1: torch.randn(8, generator=g), 4: torch.randn(8, generator=g)}
+    ta = {}
+    for lam in (0.0, 5.0):
+        for p in ("with", "without"):
+            cfg, bb, shared, personal = _tiny_setup(**{"lambda2": lam})
+            res = T.train_fedta(
+                cfg,
+                bb,
+                shared,
+                personal,
+                protos if p == "with" else {},
+                x,
+                y,
+                torch.Generator().manual_seed(0),
+            )
+            ta[lam, p] = res.personal["ta"]
+    assert (ta[0.0, "with"] - ta[5.0, "with"]).abs().max() > 1e-3
+    torch.testing.assert_close(ta[0.0, "without"], ta[5.0, "without"])
+
+
+def test_local_prototypes_are_class_means_of_the_anchored_features():
+    cfg, bb, shared, personal = _tiny_setup()
     x, y = torch.rand(6, 1, 28, 28), torch.tensor([1, 1, 4, 4, 4, 1])
     res = T.train_fedta(cfg, bb, shared, personal, {}, x, y, torch.Generator().manual_seed(0))
     f_ta, _, _ = T.fedta_features(cfg, bb, res.upload, res.personal, x, use_ta=True)
     torch.testing.assert_close(res.protos[1], f_ta[y == 1].mean(0))
     torch.testing.assert_close(res.protos[4], f_ta[y == 4].mean(0))
     assert set(res.proto_keys) == {1, 4} and set(res.upload) == {"prompts", "keys"}
+    # the key uploaded with each prototype: the TA key its class's samples matched most often
+    _, f_out, j = T.fedta_features(cfg, bb, res.upload, res.personal, x, use_ta=True)
+    for c in (1, 4):
+        counts = torch.bincount(j[y == c], minlength=4)
+        torch.testing.assert_close(res.proto_keys[c], res.personal["ta_keys"][counts.argmax()])
     assert not torch.equal(res.personal["ta"], personal["ta"])  # stage 2 trained the anchors
+    # without tail anchors: prototypes are the class means of F_out, no keys are uploaded
+    res = T.train_fedta(
+        cfg, bb, shared, personal, {}, x, y, torch.Generator().manual_seed(0), use_ta=False
+    )
+    _, f_out, _ = T.fedta_features(cfg, bb, res.upload, res.personal, x, use_ta=False)
+    torch.testing.assert_close(res.protos[4], f_out[y == 4].mean(0))
+    assert res.proto_keys == {}
+    torch.testing.assert_close(res.personal["ta"], personal["ta"])  # stage 2 skipped
 
 
 # ---------------------------------------------------------------- data layout
@@ -141,11 +232,14 @@ def test_pyproject_matches_schema_and_method_table():
         "fedta-no-ta",
         "fedta-no-sikf",
         "fedta-no-bgps",
+        "fedta-warmup",
         "l2p",
         "fedvit",
         "fedavg",
     ]
-    assert [METHODS[m].kind for m in METHODS] == ["paper"] + ["ablation"] * 3 + ["baseline"] * 3
+    assert [METHODS[m].kind for m in METHODS] == ["paper"] + ["ablation"] * 3 + [
+        "reconstruction"
+    ] + ["baseline"] * 3
     cfg = T.parse_config({"method": "fedta-no-sikf"})
     assert cfg.method.flag("ta") and cfg.method.flag("bgps") and not cfg.method.flag("sikf")
     assert not T.parse_config({"method": "fedta-no-ta"}).method.flag("ta")
@@ -202,3 +296,36 @@ def test_shared_parameters_follow_the_method_flags():
     assert keys("fedvit") == ["head.bias", "head.weight"]
     full = T.initial_global(T.parse_config({**small, "method": "fedavg"}), bb)
     assert {f"vit.{k}" for k in bb.state_dict()} <= set(full)
+
+
+def test_predictions_are_restricted_to_the_seen_classes():
+    cfg, bb, shared, personal = _tiny_setup()
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    f_ta, _, _ = T.fedta_features(cfg, bb, shared, personal, x, use_ta=True)
+    g = torch.Generator().manual_seed(6)
+    # class 7's prototype is exactly the feature of sample 0: nearest for it unless 7 is unseen
+    protos = {1: torch.randn(8, generator=g), 4: torch.randn(8, generator=g), 7: f_ta[0]}
+    pred = T.predict(cfg, bb, shared, personal, protos, [1, 4], x)
+    assert set(pred.tolist()) <= {1, 4}
+    assert int(T.predict(cfg, bb, shared, personal, protos, [1, 4, 7], x)[0]) == 7
+    # a baseline: the head prefers class 9, but only classes 2 and 3 were seen
+    cfg = T.parse_config({"method": "fedvit", "vit-dim": 8, "vit-heads": 2})
+    head = {"head.weight": torch.zeros(10, 8), "head.bias": torch.arange(10.0)}
+    assert T.predict(cfg, bb, head, {}, {}, [2, 3], x).tolist() == [3] * 6
+    assert T.predict(cfg, bb, head, {}, {}, list(range(10)), x).tolist() == [9] * 6
+
+
+def test_warmup_row_sets_the_run_level_bgps_start_round():
+    from fedta.methods import make_fedta
+
+    def strategy(**rc):
+        cfg = T.parse_config(rc)
+        return make_fedta(cfg, backbone=None, x_surrogate=torch.zeros(1, 1, 28, 28))
+
+    warm = strategy(method="fedta-warmup")
+    assert METHODS["fedta-warmup"].kind == "reconstruction"
+    assert warm.bgps_start_round == 4 and warm.bgps_warmup == 1 and warm.use_bgps
+    assert [warm.may_freeze(r) for r in range(1, 7)] == [False] * 3 + [True, False, True]
+    assert strategy(method="fedta-warmup", **{"bgps-start-round": 7}).bgps_start_round == 7
+    plain = strategy(method="fedta", **{"bgps-start-round": 7})  # read by the warm-up row only
+    assert plain.bgps_start_round == 1 and plain.may_freeze(2)
