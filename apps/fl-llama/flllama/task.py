@@ -244,7 +244,7 @@ class TorchServerBlock:
         while len(self.replicas) <= i:
             model = copy.deepcopy(lora_model(self.cfg))
             if self.replicas:
-                load_lora(model, block_lora(self.replicas[0], split_of(self.cfg, model).b_layers))
+                load_lora(model, block_lora(self.replicas[0].model, self.replicas[0].b_layers))
             s = split_of(self.cfg, model)
             self.replicas.append(s)
             self.opts.append(adamw(_params(model, s.b_layers), self.cfg))
