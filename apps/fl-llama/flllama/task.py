@@ -192,14 +192,20 @@ def _save(state, model, s, opt_key, opt) -> None:
     state[opt_key] = adamw_record(opt)
 
 
-def client_c(cfg, state, pid, n, rnd, step, h_b: np.ndarray) -> tuple[np.ndarray, float]:
-    """Phase 2: C's forward and the loss on h_B, backward, clip, AdamW step on C; dL/dh_B."""
+def _block(cfg, state, pid, n, rnd, step, block: str):
+    """The model with this client's adapter, the step's batch, and block ``a`` or ``c``'s
+    parameters with their AdamW (state from ``context.state``)."""
     model = lora_model(cfg)
     _load_state_lora(model, state)
     s = split_of(cfg, model)
-    batch = client_batch(cfg, pid, n, rnd, step)
-    params = _params(model, s.c_layers)
-    opt = adamw(params, cfg, state.get("opt-c"))
+    params = _params(model, s.a_layers if block == "a" else s.c_layers)
+    opt = adamw(params, cfg, state.get(f"opt-{block}"))
+    return model, s, client_batch(cfg, pid, n, rnd, step), params, opt
+
+
+def client_c(cfg, state, pid, n, rnd, step, h_b: np.ndarray) -> tuple[np.ndarray, float]:
+    """Phase 2: C's forward and the loss on h_B, backward, clip, AdamW step on C; dL/dh_B."""
+    model, s, batch, params, opt = _block(cfg, state, pid, n, rnd, step, "c")
     dev = batch["input_ids"].device
     hb = torch.from_numpy(np.asarray(h_b, dtype=np.float32)).to(dev).requires_grad_(True)
     loss = lm_loss(s.forward_c(hb, batch["counts"]), batch["labels"])
@@ -213,12 +219,7 @@ def client_c(cfg, state, pid, n, rnd, step, h_b: np.ndarray) -> tuple[np.ndarray
 
 def client_a(cfg, state, pid, n, rnd, step, grad_a: np.ndarray) -> None:
     """Phase 3: A's forward again (same batch), backward with dL/dh_A, clip, AdamW step on A."""
-    model = lora_model(cfg)
-    _load_state_lora(model, state)
-    s = split_of(cfg, model)
-    batch = client_batch(cfg, pid, n, rnd, step)
-    params = _params(model, s.a_layers)
-    opt = adamw(params, cfg, state.get("opt-a"))
+    model, s, batch, params, opt = _block(cfg, state, pid, n, rnd, step, "a")
     h = s.forward_a(batch["input_ids"], batch["counts"])
     opt.zero_grad()
     h.backward(torch.from_numpy(np.asarray(grad_a, dtype=np.float32)).to(h.device))
