@@ -24,7 +24,7 @@ TINY = {
     "num-server-rounds": 2,
     "sync-steps": 3,
     "max-chars": 40,
-    "lr": 0.01,
+    "lr": 5e-3,
     "eval-samples": 24,
 }
 
