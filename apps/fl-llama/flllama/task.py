@@ -74,7 +74,13 @@ def parse_config(run_config) -> C.RunConfig:
 # ---------------------------------------------------------------------------- models and data
 @lru_cache(maxsize=2)
 def _lora_model(name: str, seed: int, rank: int, alpha: float):
-    return add_lora(build_model(name, seed), rank, alpha, derive_seed(seed, 0x10A))
+    model = add_lora(build_model(name, seed), rank, alpha, derive_seed(seed, 0x10A))
+    # the adapters at creation: the cached model is trained in place by later calls (every
+    # caller loads the adapters it needs first), so the run's start comes from this copy
+    model.initial_lora = {
+        n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n
+    }
+    return model
 
 
 def lora_model(cfg):
@@ -128,8 +134,7 @@ def client_batch(cfg, pid: int, num_partitions: int, rnd: int, step: int) -> dic
 
 def initial_arrays(cfg) -> ArrayRecord:
     """Every block's adapter at the start (the global A/C part and the server's B part)."""
-    model = lora_model(cfg)
-    return initial_arrays_of(model, split_of(cfg, model))
+    return ArrayRecord(dict(lora_model(cfg).initial_lora))
 
 
 def _params(model, layers) -> list[torch.nn.Parameter]:
