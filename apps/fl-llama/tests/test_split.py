@@ -1,0 +1,189 @@
+"""FL-LLaMA split model on a tiny random LLaMA (4 layers, hidden 32, vocab 64): split == unsplit
+(loss, gradients, greedy generation), KV cache == no cache, masks rebuilt from counts, the noise
+scale, LoRA averaging by hand."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from flowerbed.common.testing import app_path
+
+app_path("fl-llama")
+
+from flllama.model import tiny_llama  # noqa: E402
+from flllama.split import (  # noqa: E402
+    SplitError,
+    SplitLlama,
+    add_lora,
+    add_noise,
+    average_lora,
+    block_lora,
+    causal_mask,
+    layer_of,
+    lm_loss,
+    noise_std,
+    padding_mask,
+    position_ids,
+    split_generate,
+    split_step,
+    unsplit_generate,
+)
+
+L = 8
+COUNTS = torch.tensor([5, 8, 3])
+
+
+def _lora_model(seed=0):
+    m = add_lora(tiny_llama(seed), rank=4, alpha=8, seed=seed)
+    with torch.no_grad():  # LoRA B starts at 0: make the adapters matter
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 1000))
+    return m
+
+
+def _batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (3, L), generator=g)
+    pad = padding_mask(COUNTS, L) == 0
+    ids[pad] = 0
+    labels = ids.clone()
+    labels[pad] = -100
+    labels[torch.arange(3), L - COUNTS] = -100  # the first real token has no context
+    return ids, labels
+
+
+def test_padding_mask_and_positions_by_hand():
+    assert padding_mask(torch.tensor([2, 4]), 4).tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert position_ids(torch.tensor([2, 4]), 4).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+    # decoding the 5th token of a sequence whose first 2 were pads: position 2
+    assert position_ids(torch.tensor([3]), 1, offset=4).tolist() == [[2]]
+
+
+def test_causal_mask_from_counts_by_hand():
+    m = causal_mask(torch.tensor([2]), 3, 3)[0, 0] == 0  # True = attend
+    # row 0 is a pad (sees only itself), rows 1, 2 see real keys 1..row
+    assert m.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+    # one decode step after the prefill: the new query sees every real key
+    d = causal_mask(torch.tensor([3]), 1, 4)[0, 0] == 0
+    assert d.tolist() == [[False, True, True, True]]
+
+
+def test_mask_rebuilt_from_counts_equals_the_tokenizers_mask():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("a b c d e f g".split())}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", padding_side="left")
+    enc = tok(["a b", "a b c d e", "g"], padding=True, return_tensors="pt")
+    counts = enc["attention_mask"].sum(-1)
+    assert counts.tolist() == [2, 5, 1]
+    rebuilt = padding_mask(counts, enc["input_ids"].shape[1])
+    assert torch.equal(rebuilt, enc["attention_mask"])
+
+
+def test_split_equals_unsplit_loss_and_gradients():
+    ref = _lora_model()
+    client, server = copy.deepcopy(ref), copy.deepcopy(ref)
+    ids, labels = _batch()
+    out = ref(
+        input_ids=ids, attention_mask=padding_mask(COUNTS, L), position_ids=position_ids(COUNTS, L)
+    )
+    loss = lm_loss(out.logits, labels)
+    loss.backward()
+    sc, ss = SplitLlama(client, 1, 1), SplitLlama(server, 1, 1)
+    got = split_step(sc, ss, ids, COUNTS, labels)
+    assert abs(got["loss"].item() - loss.item()) < 1e-6
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    side = {0: client, 1: server, 2: server, 3: client}
+    checked = 0
+    for owner in (client, server):
+        for n, p in owner.named_parameters():
+            if p.requires_grad and side[layer_of(n)] is owner:
+                assert torch.allclose(p.grad, want[n], atol=1e-6), n
+                assert want[n].abs().max() > 1e-4, n  # not trivially zero
+                checked += 1
+    assert checked == 4 * 4 * 2  # 4 layers x q/k/v/o x (lora_A, lora_B)
+    # the client never computed B's gradient, the server never A's or C's
+    assert all(p.grad is None for n, p in client.named_parameters() if layer_of(n) in (1, 2))
+    assert all(p.grad is None for n, p in server.named_parameters() if layer_of(n) in (0, 3))
+
+
+def test_noise_changes_the_loss_but_not_the_hand_off_shapes():
+    m = _lora_model()
+    ids, labels = _batch()
+    s = SplitLlama(m, 1, 1)
+    a = split_step(s, s, ids, COUNTS, labels)
+    m.zero_grad()
+    b = split_step(s, s, ids, COUNTS, labels, sigma=0.5, seed=3)
+    assert a["h_a"].shape == b["h_a"].shape == (3, L, 32)
+    assert abs(a["loss"].item() - b["loss"].item()) > 1e-4
+
+
+@pytest.mark.parametrize("p,q", [(1, 1), (2, 1), (1, 2)])
+def test_split_greedy_generation_equals_unsplit_and_cache_equals_no_cache(p, q):
+    m = _lora_model(p * 10 + q)
+    ids, _ = _batch()
+    s = SplitLlama(m, p, q)
+    want = unsplit_generate(m, ids, COUNTS, 8)
+    sent = []
+    cached = split_generate(s, s, ids, COUNTS, 8, use_cache=True, sent=sent)
+    plain = split_generate(s, s, ids, COUNTS, 8, use_cache=False)
+    assert torch.equal(cached, want) and torch.equal(plain, want)
+    # after the prefill only the new token's hidden state crosses
+    assert sent[0] == (3, L, 32) and all(sh == (3, 1, 32) for sh in sent[1:])
+
+
+def test_split_generation_equals_hf_generate():
+    m = tiny_llama(5)
+    ids, _ = _batch()
+    s = SplitLlama(m, 1, 2)
+    got = split_generate(s, s, ids, COUNTS, 6)
+    out = m.generate(
+        input_ids=ids,
+        attention_mask=padding_mask(COUNTS, L),
+        max_new_tokens=6,
+        min_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    assert torch.equal(got, out[:, L:])
+
+
+def test_bad_split_points_are_named():
+    with pytest.raises(SplitError, match=r"p=2, q=2: need p >= 1, q >= 1, p \+ q < 4 layers"):
+        SplitLlama(tiny_llama(0), 2, 2)
+    with pytest.raises(SplitError):
+        SplitLlama(tiny_llama(0), 0, 1)
+
+
+def test_noise_std_and_mean_abs_variant():
+    assert noise_std(0.1, False) == 0.1
+    assert noise_std(0.1, True) == pytest.approx(0.1 * math.sqrt(math.pi / 2))
+    h = torch.zeros(400, 500)
+    e = add_noise(h, 0.05, mean_abs=False, seed=1)
+    assert e.std().item() == pytest.approx(0.05, rel=0.01)
+    e = add_noise(h, 0.05, mean_abs=True, seed=1)
+    assert e.abs().mean().item() == pytest.approx(0.05, rel=0.01)  # E|noise| = sigma
+    assert torch.equal(add_noise(h, 0.05, True, 1), e)  # seeded
+    assert not torch.equal(add_noise(h, 0.05, True, 2), e)
+    assert add_noise(h, 0.0, True, 1) is h
+
+
+def test_block_lora_and_average_by_hand():
+    m = _lora_model()
+    s = SplitLlama(m, 1, 1)
+    a = block_lora(m, s.a_layers)
+    assert a and all(layer_of(n) == 0 for n in a)
+    assert len(block_lora(m, s.b_layers)) == 2 * len(a)
+    x = {"w": torch.tensor([1.0, 2.0])}
+    y = {"w": torch.tensor([4.0, 8.0])}
+    got = average_lora([x, y], [1, 3])  # (1*x + 3*y) / 4
+    assert torch.allclose(got["w"], torch.tensor([3.25, 6.5]))
+    with pytest.raises(ValueError, match="sum to 0"):
+        average_lora([x], [0])
