@@ -12,6 +12,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedta import data as D
+
+# The method table imports fedta.client_app. Imported here, it loads while Flower imports this
+# module under its import lock; imported later from the running ServerApp (parse_config), it can
+# race the simulation engine's load of the ClientApp in another thread, and Flower's load_app
+# then takes the half-imported module from sys.modules ("partially initialized module
+# 'fedta.client_app' has no attribute 'app'"; seen in CI, 1 run in 3).
+from fedta import methods as _methods  # noqa: F401
 from fedta import task as T
 from fedta.pretrain import load_backbone
 from flowerbed.common.results import ResultsWriter

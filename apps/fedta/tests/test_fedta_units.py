@@ -329,3 +329,20 @@ def test_warmup_row_sets_the_run_level_bgps_start_round():
     assert strategy(method="fedta-warmup", **{"bgps-start-round": 7}).bgps_start_round == 7
     plain = strategy(method="fedta", **{"bgps-start-round": 7})  # read by the warm-up row only
     assert plain.bgps_start_round == 1 and plain.may_freeze(2)
+
+
+def test_importing_the_server_app_imports_the_client_app_with_it():
+    """The ServerApp module imports the method table (hence fedta.client_app) at import time, so
+    the ServerApp never imports the ClientApp while Flower's engine loads it (a race that failed
+    `flwr run`; see fedta/server_app.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; import fedta.server_app; "
+        "m = sys.modules['fedta.client_app']; assert hasattr(m, 'app')"
+    )
+    app_dir = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=app_dir, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1500:]
