@@ -23,9 +23,7 @@ Deployment group (``--deploy-modes``; ``--deploy-clients`` clients, all sampled 
 ``deploy`` (SuperLink + one SuperNode per client on loopback, TLS and SuperNode authentication,
 :class:`flowerbed.simulation.deploy.Deployment`, ClientApps forked from a warm process),
 ``deploy-spawn`` (the same with a fresh interpreter per ClientApp call, as Flower starts them),
-``deploy-flower`` (Flower's own ``--isolation subprocess`` and its ``flower-supernode``
-unchanged; ``deploy`` and ``deploy-spawn`` cap the SuperNodes' waits at 0.2 s,
-:mod:`flowerbed.simulation.supernode`), against ``inprocess`` and ``plain``
+``deploy-flower`` (Flower's own ``--isolation subprocess``), against ``inprocess`` and ``plain``
 on the same clients. Each SuperNode gets cores // clients torch threads and the simulation's
 actors the same share (``num_cpus`` = cores / clients), so both run all clients side by side
 with the same threads.
@@ -207,10 +205,7 @@ def _deploy(mode: str, ov: dict, clients: int, workdir: Path) -> list[dict]:
 
     start = {"deploy": "warm", "deploy-spawn": "spawn", "deploy-flower": "flower"}[mode]
     shutil.rmtree(workdir, ignore_errors=True)
-    poll = None if start == "flower" else 0.2  # deploy-flower: Flower's SuperNode unchanged
-    with Deployment(
-        workdir, clientapp_exec=start, timings=start != "flower", supernode_poll=poll
-    ) as d:
+    with Deployment(workdir, clientapp_exec=start, timings=start != "flower") as d:
         d.start_superlink()
         for i in range(clients):
             d.add_supernode(i, clients)

@@ -33,7 +33,7 @@ def test_deployment_starts_the_launcher_or_flower_unchanged(tmp_path):
 
     with pytest.raises(ValueError, match="supernode_poll=0"):
         Deployment(tmp_path / "a", tls=False, auth=False, supernode_poll=0)
-    d = Deployment(tmp_path / "b", tls=False, auth=False, clientapp_exec="flower")
+    d = Deployment(tmp_path / "b", tls=False, auth=False)
+    assert d.supernode_poll is None  # Flower's flower-supernode unless asked
+    d = Deployment(tmp_path / "c", tls=False, auth=False, supernode_poll=0.2)
     assert d.supernode_poll == 0.2
-    d = Deployment(tmp_path / "c", tls=False, auth=False, supernode_poll=None)
-    assert d.supernode_poll is None
