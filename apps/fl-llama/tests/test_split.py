@@ -38,9 +38,9 @@ COUNTS = torch.tensor([5, 8, 3])
 def _lora_model(seed=0):
     m = add_lora(tiny_llama(seed), rank=4, alpha=8, seed=seed)
     with torch.no_grad():  # LoRA B starts at 0: make the adapters matter
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 1000))
+        for i, (n, p) in enumerate(m.named_parameters()):
+            if "lora_B" in n:  # seeded by position: hash(n) changes with every interpreter
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
     return m
 
 
