@@ -18,7 +18,10 @@ formula and threshold below is a **Reconstruction** on top of FedDM-style distri
    exceeds ``max(0, median + mad_c * MAD)`` over the round's clients (negative contribution);
 5. the accepted updates are averaged (plain mean; optionally each clipped to ``||g_0||``); if
    every update is rejected, the fallback is ``w + g_0`` (``fallback="condensed"``) or the
-   model is kept (``"keep"``); the accepted clients are the trusted ones of the next round.
+   model is kept (``"keep"``); the accepted clients are the trusted ones of the next round;
+6. optionally (``finetune``) the server then trains the aggregate on ``S*`` with the same
+   ``train_fn`` as ``g_0`` (FedDM's server step on condensed data; Reconstruction option of
+   "fast and stable convergence", see the app README's "Diagnosis").
 
 The rejected nodes and the reason of each are in the round's history row (``rejected_nodes``,
 ``reject_reasons``), which the attack wrapper scores for detection precision and recall.
@@ -99,6 +102,9 @@ class FedIDM(FedAvg):
     rectify_min_agree : float, default 0.5
     trusted_only : bool, default True
         Pool only the synthetic sets of the clients accepted in the previous round.
+    finetune : bool, default False
+        Train the aggregate on the condensed set with ``train_fn`` (not after the fallback,
+        which is already ``w + g_0``).
     **kwargs
         Passed to :class:`flowerbed.strategies.fedavg.FedAvg`.
     """
@@ -118,6 +124,7 @@ class FedIDM(FedAvg):
         rectify: bool = True,
         rectify_min_agree: float = 0.5,
         trusted_only: bool = True,
+        finetune: bool = False,
         **kwargs,
     ) -> None:
         if fallback not in FALLBACKS:
@@ -128,13 +135,20 @@ class FedIDM(FedAvg):
         self.tau_cos, self.mad_c, self.clip, self.fallback = tau_cos, mad_c, clip, fallback
         self.rectify, self.rectify_min_agree = rectify, rectify_min_agree
         self.trusted_only = trusted_only
+        self.finetune = finetune
         self.trusted: set[int] | None = None
 
     def summary(self) -> None:
         """Log the configuration."""
         log(INFO, "\t├──> FedIDM (Reconstruction): condensed-data checks")
         log(INFO, "\t│\t├── tau_cos=%s mad_c=%s clip=%s", self.tau_cos, self.mad_c, self.clip)
-        log(INFO, "\t│\t└── fallback=%s rectify=%s", self.fallback, self.rectify)
+        log(
+            INFO,
+            "\t│\t└── fallback=%s rectify=%s finetune=%s",
+            self.fallback,
+            self.rectify,
+            self.finetune,
+        )
         super().summary()
 
     def check_reply(self, msg: Message, is_train: bool) -> str | None:
@@ -201,6 +215,8 @@ class FedIDM(FedAvg):
                 "tau_loss": tau_loss,
                 "g0_norm": float(np.linalg.norm(g0)),
                 "fallback_used": not accepted,
+                "cos": {str(n): float(c) for n, c in zip(nodes, cos, strict=True)},
+                "rise": {str(n): float(r) for n, r in zip(nodes, rises, strict=True)},
             }
         )
         metrics = self.train_metrics_aggr_fn([m.content for m in good], self.weighted_by_key)
@@ -217,4 +233,7 @@ class FedIDM(FedAvg):
             n0 = np.linalg.norm(g0)
             norms = np.linalg.norm(chosen, axis=1)
             chosen = chosen * np.minimum(1.0, n0 / np.maximum(norms, 1e-12))[:, None]
-        return unflatten(w + chosen.mean(0), self._global, keys), metrics
+        new = unflatten(w + chosen.mean(0), self._global, keys)
+        if self.finetune:
+            new = self.train_fn(server_round, new, x, y)
+        return new, metrics

@@ -77,6 +77,9 @@ def test_opposite_direction_and_loss_rise_are_rejected_with_reasons():
     assert row["reject_reasons"]["3"].startswith("direction")
     assert row["reject_reasons"]["4"].startswith("loss")
     assert s.trusted == {1, 2} and row["fallback_used"] is False
+    # per-node diagnostics: cos to g_0 and loss rise on the condensed set
+    assert row["cos"]["3"] == pytest.approx(-1.0) and row["cos"]["1"] == pytest.approx(1.0)
+    assert row["rise"]["1"] == pytest.approx(-2.0) and row["rise"]["4"] == pytest.approx(62.25)
 
 
 def test_fallback_condensed_or_keep_when_all_rejected():
@@ -95,6 +98,19 @@ def test_clip_to_g0_norm():
     s = _strategy(clip=True, mad_c=100.0)
     arrays, _ = s.aggregate_train(1, [_reply(1, [2.0, 2.0])])  # ||g_0|| = sqrt 2
     np.testing.assert_allclose(arrays["w"].numpy(), [1.0, 1.0], rtol=1e-6)
+
+
+def test_finetune_trains_the_aggregate_on_the_condensed_set():
+    def half(rnd, arrays, x, y):  # halfway from w to the condensed mean
+        w = arrays["w"].numpy()
+        return ArrayRecord({"w": Array(np.float32(w + 0.5 * (x.mean(0) - w)))})
+
+    reps = [_reply(1, [2.0, 2.0]), _reply(2, [2.0, 2.0])]  # g_0 = (0.5, 0.5), rises 0: accepted
+    glob = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    for finetune, want in ((False, [2.0, 2.0]), (True, [1.5, 1.5])):
+        s = FedIDM(half, _loss, _predict, 3, finetune=finetune, min_available_nodes=1)
+        list(s.configure_train(1, glob, ConfigRecord({}), FakeGrid([1, 2])))
+        np.testing.assert_allclose(s.aggregate_train(1, reps)[0]["w"].numpy(), want)
 
 
 def test_pool_of_trusted_clients_only():

@@ -32,6 +32,7 @@ def make_fedidm(cfg, num_nodes: int = 0, num_classes: int = 10, **_: Any) -> Fed
         clip=cfg["clip"],
         fallback=cfg["fallback"],
         rectify=cfg["rectify"],
+        finetune=cfg["finetune"],
         **guard_kwargs(cfg),
     )
 
