@@ -9,9 +9,11 @@ formula and threshold below is a **Reconstruction** on top of FedDM-style distri
 1. each client uploads, with its model, a small synthetic set ``S_k`` (IPC images per class)
    condensed from its data by distribution matching (the app's client step);
 2. the server pools the sets of the clients it trusted in the previous round (all in round 1),
-   and rectifies their labels: once the global model agrees with at least
-   ``rectify_min_agree`` of the pooled labels, samples whose label the model does not predict
-   are dropped (``rectify``);
+   and rectifies their labels (``rectify``): ``"client"`` drops the set of a client whose
+   labels the global model agrees with less than ``rectify_min_agree`` times the median
+   agreement of the pooled clients (a label-flipped set); ``"sample"`` (once the model agrees
+   with at least ``rectify_min_agree`` of the pooled labels) drops every sample whose label the
+   model does not predict; ``"none"``;
 3. the reference update ``g_0``: the global model trained a few steps on the pooled set ``S*``;
 4. a client update ``Delta_k`` is rejected if ``cos(Delta_k, g_0) < tau_cos`` (it deviates from
    the condensed-data direction) or if its loss rise on ``S*``, ``L(w + Delta_k) - L(w)``,
@@ -41,10 +43,11 @@ from flowerbed.strategies.fedavg import FedAvg
 
 SYNTHETIC = "synthetic"
 FALLBACKS = ("condensed", "keep")
+RECTIFY = ("client", "sample", "none")
 
 
 class FedIDMError(ValueError):
-    """A FedIDM setting out of range (unknown fallback)."""
+    """A FedIDM setting out of range (unknown fallback or rectification)."""
 
 
 def rejection(
@@ -96,9 +99,9 @@ class FedIDM(FedAvg):
         Clip each accepted update to ``||g_0||``.
     fallback : str, default "condensed"
         All rejected: ``"condensed"`` (``w + g_0``) or ``"keep"``.
-    rectify : bool, default True
-        Drop pooled samples whose label the global model does not predict (once it agrees with
-        ``rectify_min_agree`` of them).
+    rectify : str, default "client"
+        Label rectification of the pool: ``"client"``, ``"sample"`` or ``"none"`` (module
+        docstring, step 2).
     rectify_min_agree : float, default 0.5
     trusted_only : bool, default True
         Pool only the synthetic sets of the clients accepted in the previous round.
@@ -121,7 +124,7 @@ class FedIDM(FedAvg):
         mad_c: float = 2.0,
         clip: bool = False,
         fallback: str = "condensed",
-        rectify: bool = True,
+        rectify: str = "client",
         rectify_min_agree: float = 0.5,
         trusted_only: bool = True,
         finetune: bool = False,
@@ -129,6 +132,8 @@ class FedIDM(FedAvg):
     ) -> None:
         if fallback not in FALLBACKS:
             raise FedIDMError(f"fallback={fallback!r}: must be one of {', '.join(FALLBACKS)}")
+        if rectify not in RECTIFY:
+            raise FedIDMError(f"rectify={rectify!r}: must be one of {', '.join(RECTIFY)}")
         super().__init__(**kwargs)
         self.train_fn, self.loss_fn, self.predict_fn = train_fn, loss_fn, predict_fn
         self.num_classes = num_classes
@@ -174,12 +179,26 @@ class FedIDM(FedAvg):
         """The pooled synthetic sets of the trusted clients, rectified."""
         trusted = self.trusted if self.trusted_only else None
         pool = [m for m in good if trusted is None or m.metadata.src_node_id in trusted] or good
-        x = np.concatenate([m.content[SYNTHETIC]["x"].numpy() for m in pool])
-        y = np.concatenate([m.content[SYNTHETIC]["y"].numpy() for m in pool]).astype(np.int64)
+        sets = [
+            (m.content[SYNTHETIC]["x"].numpy(), m.content[SYNTHETIC]["y"].numpy().astype(np.int64))
+            for m in pool
+        ]
         row = self._round(server_round)
-        row["condensed_pool"] = len(y)
+        row["condensed_pool"] = sum(len(sy) for _, sy in sets)
         row["rectified"] = False
-        if self.rectify:
+        if self.rectify == "client":
+            agree = np.array([np.mean(self.predict_fn(self._global, sx) == sy) for sx, sy in sets])
+            keep = agree >= self.rectify_min_agree * np.median(agree)
+            row["label_agreement"] = float(np.median(agree))
+            row["rectify_dropped"] = [
+                m.metadata.src_node_id for m, k in zip(pool, keep, strict=True) if not k
+            ]
+            if keep.any() and not keep.all():
+                sets = [st for st, k in zip(sets, keep, strict=True) if k]
+                row["rectified"] = True
+        x = np.concatenate([sx for sx, _ in sets])
+        y = np.concatenate([sy for _, sy in sets])
+        if self.rectify == "sample":
             agree = np.asarray(self.predict_fn(self._global, x)) == y
             row["label_agreement"] = float(agree.mean())
             if agree.mean() >= self.rectify_min_agree and agree.any():

@@ -113,6 +113,29 @@ def test_finetune_trains_the_aggregate_on_the_condensed_set():
         np.testing.assert_allclose(s.aggregate_train(1, reps)[0]["w"].numpy(), want)
 
 
+def test_client_rectification_drops_a_label_flipped_set():
+    # the model predicts the first coordinate: nodes 1-3 agree with 2 of 2, 1 of 2, 2 of 2 labels;
+    # node 4 with 0 of 2 (median 1.0 -> threshold 0.5: only node 4's set is dropped)
+    sx = ((1.0, 1.0), (2.0, 2.0))
+    reps = [
+        _reply(1, [1.0, 1.0], sx=sx, sy=(1, 2)),
+        _reply(2, [1.0, 1.0], sx=sx, sy=(1, 0)),
+        _reply(3, [1.0, 1.0], sx=sx, sy=(1, 2)),
+        _reply(4, [1.0, 1.0], sx=sx, sy=(0, 0)),
+    ]
+    s = _strategy(rectify="client")
+    s.aggregate_train(1, reps)
+    row = s.history[1]
+    assert row["rectify_dropped"] == [4] and row["rectified"]
+    assert row["condensed_pool"] == 8 and row["condensed_size"] == 6
+    assert row["label_agreement"] == pytest.approx(1.0)
+    s = _strategy(rectify="none")
+    s.aggregate_train(1, reps)
+    assert s.history[1]["condensed_size"] == 8 and not s.history[1]["rectified"]
+    with pytest.raises(FedIDMError, match="rectify='all'"):
+        FedIDM(_train, _loss, _predict, 3, rectify="all")
+
+
 def test_pool_of_trusted_clients_only():
     s = _strategy()
     s.trusted = {1}
@@ -123,13 +146,13 @@ def test_pool_of_trusted_clients_only():
 
 
 def test_rectification_drops_disagreeing_labels_once_the_model_agrees():
-    s = _strategy()
+    s = _strategy(rectify="sample")
     # points with first coordinate 1 and 2; labels 1, 2, 0: model agrees with 2 of 3
     reps = [_reply(1, [1.0, 1.0], sx=((1.0, 1.0), (2.0, 2.0), (1.0, 5.0)), sy=(1, 2, 0))]
     s.aggregate_train(1, reps)
     row = s.history[1]
     assert row["rectified"] and row["condensed_pool"] == 3 and row["condensed_size"] == 2
-    s = _strategy(rectify_min_agree=0.9)
+    s = _strategy(rectify="sample", rectify_min_agree=0.9)
     s.aggregate_train(1, reps)
     assert not s.history[1]["rectified"] and s.history[1]["condensed_size"] == 3
 

@@ -45,17 +45,16 @@ def summarise(rec: dict) -> dict:
         out[f"{key}_benign"] = float(np.mean(ben)) if ben else float("nan")
         out[f"{key}_mal"] = float(np.mean(mal)) if mal else float("nan")
     out["benign_rejected"] = int(
-        sum(
-            len(set(r["rejected_nodes"]) - set(r.get("malicious_nodes", [])))
-            for r in rows
-        )
+        sum(len(set(r["rejected_nodes"]) - set(r.get("malicious_nodes", []))) for r in rows)
     )
     return out
 
 
 def table() -> None:
-    print("| run | acc | precision | recall | benign rejected (sum over rounds) | cos benign | cos mal "
-          "| rise benign | rise mal |")
+    print(
+        "| run | acc | precision | recall | benign rejected (sum over rounds) | cos benign | cos mal "
+        "| rise benign | rise mal |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for f in sorted(ROOT.glob("*/results.json")):
         s = summarise(json.loads(f.read_text()))

@@ -41,7 +41,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "mad-c": C.Option(2.0, C.non_negative, "loss threshold median + c * MAD, c >= 0"),
         "clip": C.Option(False, help="clip accepted updates to ||g_0||"),
         "fallback": C.Option("condensed", choices=("condensed", "keep"), help="all rejected"),
-        "rectify": C.Option(True, help="label rectification of the pooled synthetic sets"),
+        "rectify": C.Option("client", choices=("client", "sample", "none"), help="rectification"),
         "finetune": C.Option(False, help="server trains the aggregate on the condensed set"),
         # --- baselines
         "root-size": C.Option(100, C.positive, "FLTrust clean root set size > 0"),

@@ -145,18 +145,30 @@ def test_flwr_run_end_to_end(tmp_path):
     assert rec["rounds"][1]["malicious_partitions"] == [0]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("attack", ["sign-flip", "lie", "label-flip"])
-def test_fedidm_at_30_percent_stays_near_its_no_attack_accuracy(tmp_path, attack):
-    """Issue #15's target on Fashion-MNIST (20 clients, Dirichlet 0.5, 15 rounds): FedIDM under
-    attack at 30 % within 3 points of its no-attack accuracy (minutes on 2 cores)."""
+#: the README's 30 % setting: Fashion-MNIST, 20 clients, Dirichlet 0.5, seed 0, 10 rounds
+SLOW = {"num-server-rounds": 10, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def no_attack_accuracy(tmp_path_factory):
     from flowerbed.simulation.local import run_local
 
-    accs = {}
-    for name, over in (("none", {}), (attack, {"attack": attack, "attack-fraction": 0.3})):
-        out = tmp_path / name
-        run_local(
-            "fedidm", {"num-server-rounds": 15, "results-dir": str(out), **over}, num_supernodes=20
-        )
-        accs[name] = json.loads((out / "results.json").read_text())["extra"]["final"]["accuracy"]
-    assert accs[attack] > accs["none"] - 0.03, accs
+    out = tmp_path_factory.mktemp("none")
+    run_local("fedidm", {**SLOW, "results-dir": str(out)}, num_supernodes=20)
+    return json.loads((out / "results.json").read_text())["extra"]["final"]["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["sign-flip", "lie"])
+def test_fedidm_at_30_percent_stays_near_its_no_attack_accuracy(
+    tmp_path, no_attack_accuracy, attack
+):
+    """Issue #15's target (minutes per run on 2 cores): FedIDM under attack at 30 % within 3
+    points of its no-attack accuracy. See the README "Results" for what it measured."""
+    from flowerbed.simulation.local import run_local
+
+    over = {**SLOW, "attack": attack, "attack-fraction": 0.3, "results-dir": str(tmp_path)}
+    run_local("fedidm", over, num_supernodes=20)
+    acc = json.loads((tmp_path / "results.json").read_text())["extra"]["final"]["accuracy"]
+    print(f"fedidm {attack} 30 %: {acc:.4f}, no attack {no_attack_accuracy:.4f}")
+    assert acc > no_attack_accuracy - 0.03, (acc, no_attack_accuracy)
