@@ -51,7 +51,7 @@ class FedIDMError(ValueError):
 
 
 def rejection(
-    cosines: np.ndarray, rises: np.ndarray, tau_cos: float = 0.0, mad_c: float = 2.0
+    cosines: np.ndarray, rises: np.ndarray, tau_cos: float = 0.0, mad_c: float = 5.0
 ) -> tuple[list[str | None], float]:
     """Per client, why it is rejected (or None), and the loss threshold used.
 
@@ -93,8 +93,9 @@ class FedIDM(FedAvg):
         Labels of the synthetic sets are in ``[0, num_classes)``.
     tau_cos : float, default 0.0
         Direction threshold.
-    mad_c : float, default 2.0
-        Loss threshold ``max(0, median + mad_c * MAD)``.
+    mad_c : float, default 5.0
+        Loss threshold ``max(0, median + mad_c * MAD)`` (2.0 rejected benign non-IID clients:
+        the app README's "Diagnosis").
     clip : bool, default False
         Clip each accepted update to ``||g_0||``.
     fallback : str, default "condensed"
@@ -121,7 +122,7 @@ class FedIDM(FedAvg):
         predict_fn: Callable[[ArrayRecord, np.ndarray], np.ndarray],
         num_classes: int,
         tau_cos: float = 0.0,
-        mad_c: float = 2.0,
+        mad_c: float = 5.0,
         clip: bool = False,
         fallback: str = "condensed",
         rectify: str = "client",

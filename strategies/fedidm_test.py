@@ -48,9 +48,12 @@ def _strategy(**kw):
 
 
 def test_rejection_rules_by_hand():
-    # cos: -0.5 < 0 -> direction; rises (0, 0.1, 0.2, 5): median 0.15, MAD 0.1 -> tau 0.35
+    # cos: -0.5 < 0 -> direction; rises (0, 0.1, 0.2, 5): median 0.15, MAD 0.1 -> tau 0.65
     reasons, tau = rejection(np.array([1.0, -0.5, 0.9, 0.8]), np.array([0.0, 0.1, 0.2, 5.0]))
-    assert tau == pytest.approx(0.35)
+    assert tau == pytest.approx(0.65)
+    assert rejection(np.ones(4), np.array([0.0, 0.1, 0.2, 5.0]), mad_c=2.0)[1] == pytest.approx(
+        0.35
+    )
     assert reasons[0] is None and reasons[2] is None
     assert reasons[1].startswith("direction") and reasons[3].startswith("loss")
     # the loss threshold is never below 0: a rise of 0.01 when all others fall is rejected

@@ -38,7 +38,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "dm-embed-dim": C.Option(128, C.positive, "width of the random embedders > 0"),
         "server-steps": C.Option(10, C.positive, "SGD steps of g_0 on the condensed set > 0"),
         "tau-cos": C.Option(0.0, lambda v: -1 <= v <= 1, "cosine threshold in [-1, 1]"),
-        "mad-c": C.Option(2.0, C.non_negative, "loss threshold median + c * MAD, c >= 0"),
+        "mad-c": C.Option(5.0, C.non_negative, "loss threshold median + c * MAD, c >= 0"),
         "clip": C.Option(False, help="clip accepted updates to ||g_0||"),
         "fallback": C.Option("condensed", choices=("condensed", "keep"), help="all rejected"),
         "rectify": C.Option("client", choices=("client", "sample", "none"), help="rectification"),
