@@ -52,14 +52,18 @@ def summarise(rec: dict) -> dict:
 
 def table() -> None:
     print(
-        "| run | acc | precision | recall | benign rejected (sum over rounds) | cos benign | cos mal "
+        "| run | options | commit | acc | precision | recall | benign rejected (sum over rounds) | cos benign | cos mal "
         "| rise benign | rise mal |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for f in sorted(ROOT.glob("*/results.json")):
-        s = summarise(json.loads(f.read_text()))
+        rec = json.loads(f.read_text())
+        if "final" not in rec["extra"]:  # still running
+            continue
+        s = summarise(rec)
+        cfg = {k: rec["config"].get(k) for k in ("mad-c", "rectify", "finetune")}
         print(
-            f"| {f.parent.name} | {s['acc']:.4f} | {s['detect_precision']:.3f} "
+            f"| {f.parent.name} | {cfg} | {rec['git_commit'][:7]} | {s['acc']:.4f} | {s['detect_precision']:.3f} "
             f"| {s['detect_recall']:.3f} | {s['benign_rejected']} | {s['cos_benign']:.3f} "
             f"| {s['cos_mal']:.3f} | {s['rise_benign']:.4f} | {s['rise_mal']:.4f} |"
         )

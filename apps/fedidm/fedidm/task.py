@@ -42,7 +42,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "clip": C.Option(False, help="clip accepted updates to ||g_0||"),
         "fallback": C.Option("condensed", choices=("condensed", "keep"), help="all rejected"),
         "rectify": C.Option("client", choices=("client", "sample", "none"), help="rectification"),
-        "finetune": C.Option(False, help="server trains the aggregate on the condensed set"),
+        "finetune": C.Option(True, help="server trains the aggregate on the condensed set"),
         # --- baselines
         "root-size": C.Option(100, C.positive, "FLTrust clean root set size > 0"),
         "trim-beta": C.Option(0.2, lambda v: 0 <= v < 0.5, "FedTrimmedAvg beta in [0, 0.5)"),
