@@ -117,8 +117,9 @@ def test_finetune_trains_the_aggregate_on_the_condensed_set():
 
 
 def test_client_rectification_drops_a_label_flipped_set():
-    # the model predicts the first coordinate: nodes 1-3 agree with 2 of 2, 1 of 2, 2 of 2 labels;
-    # node 4 with 0 of 2 (median 1.0 -> threshold 0.5: only node 4's set is dropped)
+    # the model predicts the first coordinate: nodes 1-4 agree with 2/2, 1/2, 2/2, 0/2 labels;
+    # median 0.75, threshold 0.6 * 0.75 = 0.45: only node 4's set is dropped (0.6 without the
+    # median would drop node 2's too)
     sx = ((1.0, 1.0), (2.0, 2.0))
     reps = [
         _reply(1, [1.0, 1.0], sx=sx, sy=(1, 2)),
@@ -126,12 +127,12 @@ def test_client_rectification_drops_a_label_flipped_set():
         _reply(3, [1.0, 1.0], sx=sx, sy=(1, 2)),
         _reply(4, [1.0, 1.0], sx=sx, sy=(0, 0)),
     ]
-    s = _strategy(rectify="client")
+    s = _strategy(rectify="client", rectify_min_agree=0.6)
     s.aggregate_train(1, reps)
     row = s.history[1]
     assert row["rectify_dropped"] == [4] and row["rectified"]
     assert row["condensed_pool"] == 8 and row["condensed_size"] == 6
-    assert row["label_agreement"] == pytest.approx(1.0)
+    assert row["label_agreement"] == pytest.approx(0.75)
     s = _strategy(rectify="none")
     s.aggregate_train(1, reps)
     assert s.history[1]["condensed_size"] == 8 and not s.history[1]["rectified"]

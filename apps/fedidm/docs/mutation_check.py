@@ -64,6 +64,9 @@ def main() -> int:
     cmd = [str(REPO / ".venv/bin/python"), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     base = subprocess.run([*cmd, str(TEST)], env=env, capture_output=True, text=True, cwd=SHIM)
     print("unmutated:", base.stdout.strip().splitlines()[-1], flush=True)
+    if base.returncode != 0:
+        print("the unmutated tests fail: no mutation check")
+        return 1
     caught = 0
     for name, old, new in M:
         assert clean.count(old) == 1, name
