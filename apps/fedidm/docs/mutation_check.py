@@ -21,7 +21,7 @@ M = [
     ("loss threshold: + MAD -> - MAD", "med + mad_c * float", "med - mad_c * float"),
     ("loss threshold may be below 0", "max(0.0, med + mad_c", "max(-1e9, med + mad_c"),
     (
-        "rise sign: L(new) - L(w) -> L(w) - L(new)",
+        "loss rise replaced by the constant L(w)",
         ", x, y) - loss0 for u",
         ", x, y) * 0 + loss0 for u",
     ),
