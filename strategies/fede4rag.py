@@ -64,7 +64,9 @@ def new_context(poly_degree: int = 8192):
     """A CKKS context with a fresh secret key."""
     import tenseal as ts
 
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, int(poly_degree), coeff_mod_bit_sizes=list(COEFF_MOD_BITS))
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, int(poly_degree), coeff_mod_bit_sizes=list(COEFF_MOD_BITS)
+    )
     ctx.global_scale = SCALE
     return ctx
 
@@ -134,7 +136,9 @@ def add_ciphertexts(public_ctx, records: list[ArrayRecord]) -> ArrayRecord:
     return ArrayRecord({"ciphertext": _bytes_array(total.serialize())})
 
 
-def decrypt_mean(ctx, record: ArrayRecord, config: ConfigRecord, template: ArrayRecord) -> ArrayRecord:
+def decrypt_mean(
+    ctx, record: ArrayRecord, config: ConfigRecord, template: ArrayRecord
+) -> ArrayRecord:
     """Client side: decrypt the sum, divide by ``he-count``, reshape like ``template``."""
     count = int(config.get("he-count", 0))
     if count < 1:
@@ -269,7 +273,12 @@ class EncryptedMean(PhasedStrategy):
         hist["num_train_replies"] = len(rep.replies)
         hist["num_failures"] = len(rep.failures)
         if len(rep.replies) < max(self.min_replies, 1):
-            log(INFO, "round %d: %d valid encrypted replies; sum kept", server_round, len(rep.replies))
+            log(
+                INFO,
+                "round %d: %d valid encrypted replies; sum kept",
+                server_round,
+                len(rep.replies),
+            )
             return RoundOutcome()
         good = sorted(rep.replies, key=lambda m: m.metadata.src_node_id)
         t0 = time.perf_counter()
@@ -284,9 +293,11 @@ class EncryptedMean(PhasedStrategy):
         conf = ConfigRecord({"server-round": server_round, "he-count": self.count})
         ev = protocol.exchange(
             "evaluate",
-            {min(m.metadata.src_node_id for m in good): RecordDict(
-                {"enc": self.encrypted_sum, "config": conf}
-            )},
+            {
+                min(m.metadata.src_node_id for m in good): RecordDict(
+                    {"enc": self.encrypted_sum, "config": conf}
+                )
+            },
             message_type=MessageType.EVALUATE,
             validate=self.check_metrics,
         )

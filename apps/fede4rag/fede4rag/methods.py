@@ -54,7 +54,5 @@ METHODS = MethodTable(
         client=client_train,
         flags={"persistent": False, "distill": False},
     ),
-    *baseline_methods(
-        "local", "centralized", client=client_train, persistent=False, distill=False
-    ),
+    *baseline_methods("local", "centralized", client=client_train, persistent=False, distill=False),
 )

@@ -56,7 +56,10 @@ class HFTokenizer:
 
     def __call__(self, texts, max_length: int):
         enc = self.tok(
-            list(texts), max_length=max_length, truncation=True, padding="max_length",
+            list(texts),
+            max_length=max_length,
+            truncation=True,
+            padding="max_length",
             return_tensors="pt",
         )
         return enc["input_ids"], enc["attention_mask"]
@@ -76,8 +79,12 @@ def load_encoder(name: str, seed: int):
     if name == "tiny":
         set_seed(derive_seed(seed, 0xE4))
         config = BertConfig(
-            vocab_size=HashTokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-            num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+            vocab_size=HashTokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
         )
         config._attn_implementation = "eager"
         return BertModel(config, add_pooling_layer=False).eval(), HashTokenizer()

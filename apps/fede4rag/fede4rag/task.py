@@ -7,15 +7,20 @@ from __future__ import annotations
 import copy
 import time
 from functools import lru_cache
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
 
 from fede4rag.data import client_pairs, load_pairs
-from fede4rag.model import MODELS, Encoder, cosine_matrix, fede4rag_loss, load_encoder
-from fede4rag.model import retrieval_metrics
+from fede4rag.model import (
+    MODELS,
+    Encoder,
+    cosine_matrix,
+    fede4rag_loss,
+    load_encoder,
+    retrieval_metrics,
+)
 from flowerbed.common import config as C
 from flowerbed.common.client import LOCAL_ONLY, partition_of
 from flowerbed.common.records import config_get, reply
@@ -56,7 +61,9 @@ def parse_config(run_config) -> C.RunConfig:
 
     cfg = C.parse(run_config, {**SCHEMA, "method": METHODS.option("fede4rag")}, methods=METHODS)
     if cfg["batch-size"] < 2:
-        raise C.ConfigError(f"run config batch-size={cfg['batch-size']}: in-batch InfoNCE needs > 1")
+        raise C.ConfigError(
+            f"run config batch-size={cfg['batch-size']}: in-batch InfoNCE needs > 1"
+        )
     return cfg
 
 
@@ -74,8 +81,12 @@ def make_encoder(cfg) -> Encoder:
 
 def _feature_key(cfg) -> tuple:
     return (
-        cfg["model"], cfg["seed"] if cfg["model"] == "tiny" else 0, int(cfg["train-layers"]),
-        int(cfg["max-docs"]), int(cfg["query-len"]), int(cfg["passage-len"]),
+        cfg["model"],
+        cfg["seed"] if cfg["model"] == "tiny" else 0,
+        int(cfg["train-layers"]),
+        int(cfg["max-docs"]),
+        int(cfg["query-len"]),
+        int(cfg["passage-len"]),
     )
 
 
@@ -95,7 +106,8 @@ def compute_features(cfg, progress: bool = False) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     for name, texts, length in (
-        ("q", pairs.queries, cfg["query-len"]), ("p", pairs.passages, cfg["passage-len"])
+        ("q", pairs.queries, cfg["query-len"]),
+        ("p", pairs.passages, cfg["passage-len"]),
     ):
         ids, mask = tok(texts, int(length))
         chunks = []
@@ -104,7 +116,8 @@ def compute_features(cfg, progress: bool = False) -> dict[str, torch.Tensor]:
             if progress and (s // 128) % 10 == 0:
                 print(
                     f"[fede4rag] features {name}: {s + len(chunks[-1])}/{len(texts)} "
-                    f"({time.perf_counter() - t0:.0f} s)", flush=True,
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
                 )
         feats = torch.cat(chunks)
         out[name] = feats.half() if feats.is_floating_point() else feats
@@ -262,7 +275,9 @@ def evaluator(cfg):
             out = []
             for s in range(0, len(index), 256):
                 b = torch.as_tensor(index[s : s + 256])
-                out.append(enc.embed(feats[name][b].to(device), feats[name + "-mask"][b].to(device)))
+                out.append(
+                    enc.embed(feats[name][b].to(device), feats[name + "-mask"][b].to(device))
+                )
             return torch.cat(out).cpu()
 
         q = embed("q", test)
@@ -280,8 +295,10 @@ def central_fit(cfg, num_partitions: int):
     def fit(server_round: int, arrays: ArrayRecord):
         pairs = load_pairs(int(cfg["max-docs"]))
         index = np.concatenate(
-            [client_pairs(pairs, k, num_partitions, cfg["partitioner"], cfg["seed"])
-             for k in range(num_partitions)]
+            [
+                client_pairs(pairs, k, num_partitions, cfg["partitioner"], cfg["seed"])
+                for k in range(num_partitions)
+            ]
         )
         student = make_encoder(cfg).load(arrays)
         steps = local_steps(cfg) * num_partitions

@@ -36,10 +36,16 @@ def test_bad_key_or_value_is_one_line():
 
 # ---------------------------------------------------------------------------- pairs
 RECORDS = [
-    {"title": "Beta", "extract": "Beta is a letter. It follows Alpha in the Greek alphabet order.",
-     "topic": "T2"},
-    {"title": "Alpha", "extract": "Alpha is a letter. It is the first letter of the Greek alphabet.",
-     "topic": "T1"},
+    {
+        "title": "Beta",
+        "extract": "Beta is a letter. It follows Alpha in the Greek alphabet order.",
+        "topic": "T2",
+    },
+    {
+        "title": "Alpha",
+        "extract": "Alpha is a letter. It is the first letter of the Greek alphabet.",
+        "topic": "T1",
+    },
     {"title": "Gamma", "extract": "Gamma is a letter with one sentence only.", "topic": "T1"},
     {"title": "Delta", "extract": "Delta is a letter. Short.", "topic": "T2"},
 ]
@@ -129,12 +135,14 @@ def test_split_encoder_equals_the_whole_model():
     enc = task.make_encoder(cfg)
     ids, mask = model.HashTokenizer()(["a b c d", "e f"], 8)
     h = enc.bert(input_ids=ids, attention_mask=mask).last_hidden_state
-    ref = torch.nn.functional.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    ref = torch.nn.functional.normalize(
+        (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1
+    )
     got = enc.embed(enc.frozen(ids, mask), mask)
     assert torch.allclose(got, ref, atol=1e-5)
-    assert set(enc.to_record().keys()) == {k for k in enc.bert.state_dict() if "layer.1." in k} or all(
-        k.startswith("0.") for k in enc.to_record().keys()
-    )
+    assert set(enc.to_record().keys()) == {
+        k for k in enc.bert.state_dict() if "layer.1." in k
+    } or all(k.startswith("0.") for k in enc.to_record().keys())
     whole = task.make_encoder(task.parse_config({**TINY, "train-layers": 0}))
     assert any("embeddings" in k for k in whole.to_record().keys())
     assert len(whole.to_record()) > len(enc.to_record())
@@ -163,7 +171,9 @@ def test_client_step_seeded_and_the_switches_change_what_they_name():
     assert not np.array_equal(_vec(a["arrays"]), _vec(c["arrays"]))
     # a huge lambda pins the student to the teacher (the received global model)
     far = np.linalg.norm(_vec(a["arrays"]) - _vec(init))
-    near = np.linalg.norm(_vec(_call({"method": "fede4rag-reset", "lambda": 1e4}, init, 1)["arrays"]) - _vec(init))
+    near = np.linalg.norm(
+        _vec(_call({"method": "fede4rag-reset", "lambda": 1e4}, init, 1)["arrays"]) - _vec(init)
+    )
     assert near < 0.5 * far
 
 
@@ -227,7 +237,9 @@ def test_flwr_run_end_to_end(tmp_path):
     from flowerbed.simulation.flwr_cli import flwr_run
 
     out = tmp_path / "e2e"
-    p = flwr_run("fede4rag", {**TINY, "num-server-rounds": 1, "results-dir": str(out)}, num_supernodes=2)
+    p = flwr_run(
+        "fede4rag", {**TINY, "num-server-rounds": 1, "results-dir": str(out)}, num_supernodes=2
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in rec["rounds"]] == [0, 1] and rec["extra"]["final"]["mrr"] > 0
