@@ -146,9 +146,7 @@ def test_malformed_encrypted_replies_are_rejected_with_a_reason(ctx, public):
         rep({"enc": good, "arrays": _arrays(0)})
     )
     junk = ArrayRecord({"ciphertext": Array(np.arange(50, dtype=np.uint8))})
-    assert s.check_update(rep({"enc": junk})) == "ciphertext does not deserialize (ValueError)" or (
-        "does not deserialize" in s.check_update(rep({"enc": junk}))
-    )
+    assert "ciphertext does not deserialize" in s.check_update(rep({"enc": junk}))
     floats = ArrayRecord({"ciphertext": Array(np.zeros(4, np.float32))})
     assert "1-D uint8" in s.check_update(rep({"enc": floats}))
     short = F.encrypt_arrays(ctx, ArrayRecord({"b": Array(np.zeros(3, np.float32))}))
