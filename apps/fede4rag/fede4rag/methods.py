@@ -28,31 +28,33 @@ def make_mean(cfg, num_values: int = 0, min_nodes: int = 1, **kw):
     return make_plain_mean(cfg, **kw)
 
 
+def _row(name: str, kind: str, help: str, persistent: bool, distill: bool) -> Method:
+    flags = {"persistent": persistent, "distill": distill}
+    return Method(name, kind, help, strategy=make_mean, client=client_train, flags=flags)
+
+
 METHODS = MethodTable(
-    Method(
+    _row(
         "fede4rag",
         "paper",
         "FedE4RAG (Mao et al., arXiv:2504.19101): persistent local student, InfoNCE + "
         "lambda x MSE to the frozen global model's logits; server mean (CKKS with he = true)",
-        strategy=make_mean,
-        client=client_train,
-        flags={"persistent": True, "distill": True},
+        persistent=True,
+        distill=True,
     ),
-    Method(
+    _row(
         "fede4rag-reset",
         "ablation",
         "FedE4RAG's loss with the student restarted from the global model every round",
-        strategy=make_mean,
-        client=client_train,
-        flags={"persistent": False, "distill": True},
+        persistent=False,
+        distill=True,
     ),
-    Method(
+    _row(
         "fedavg-infonce",
         "baseline",
         "FedAvg with in-batch InfoNCE only (lambda 0), equal weights",
-        strategy=make_mean,
-        client=client_train,
-        flags={"persistent": False, "distill": False},
+        persistent=False,
+        distill=False,
     ),
     *baseline_methods("local", "centralized", client=client_train, persistent=False, distill=False),
 )
