@@ -263,6 +263,7 @@ class EncryptedMean(PhasedStrategy):
         if self.public is None:
             self.setup(protocol, nodes)
         train_config["server-round"] = server_round
+        train_config["he"] = True  # the clients answer with ciphertexts
         if self.encrypted_sum is None:
             content = RecordDict({"arrays": arrays, "config": train_config})
         else:

@@ -218,8 +218,8 @@ def client_train(msg: Message, context, cfg) -> Message:
     """One round of a client: the student starts from the received global model, or (flag
     ``persistent``, or a local-only run) from this node's own model kept in
     ``context.state``; with flag ``distill`` the frozen global model is the teacher of the
-    ``lambda`` term. The reply carries the student's trained subset, CKKS-encrypted with
-    ``he = true``."""
+    ``lambda`` term. The reply carries the student's trained subset, CKKS-encrypted when the
+    train config says ``he`` (:class:`~flowerbed.strategies.fede4rag.EncryptedMean`)."""
     pid, num = partition_of(context)
     conf = msg.content.config_records.get("config")
     rnd = int(config_get(conf, "server-round", 0))
@@ -244,7 +244,7 @@ def client_train(msg: Message, context, cfg) -> Message:
     if keep:
         context.state[STUDENT] = new
     metrics = {**stats, "num-examples": len(index), "unit-weight": 1}
-    if cfg["he"]:
+    if config_get(conf, "he", False):  # the server's EncryptedMean asks for ciphertexts
         from flowerbed.strategies.fede4rag import client_context, encrypt_arrays
 
         t2 = time.perf_counter()
