@@ -125,7 +125,7 @@ def test_rounds_under_ckks_equal_the_plain_mean_and_the_server_holds_ciphertexts
     # from round 2 on, the clients receive only the encrypted sum
     r2 = [m for m in grid.seen if m.metadata.message_type == "train"][3:]
     assert all(set(m.content.array_records) == {"enc"} for m in r2)
-    assert all(m.content["config"]["he-count"] == 3 for m in r2)
+    assert all(m.content["config"]["he-count"] == 3 and m.content["config"]["he"] for m in r2)
     assert proto.rounds[1]["phases"]["train"]["bytes_received"] > 3 * 8 * 1000  # ciphertexts
 
 
