@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Message,
@@ -101,8 +102,8 @@ def flatten(arrays: ArrayRecord) -> np.ndarray:
     return np.concatenate([np.asarray(arrays[k].numpy(), dtype=np.float64).ravel() for k in arrays])
 
 
-def _bytes_array(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.uint8).copy()
+def _bytes_array(data: bytes) -> Array:
+    return Array(np.frombuffer(data, dtype=np.uint8).copy())
 
 
 def encrypt_arrays(ctx, arrays: ArrayRecord) -> ArrayRecord:
