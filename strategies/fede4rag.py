@@ -148,7 +148,7 @@ def decrypt_mean(
     out, pos = {}, 0
     for k in template:
         ref = template[k].numpy()
-        out[k] = vec[pos : pos + ref.size].reshape(ref.shape).astype(ref.dtype)
+        out[k] = Array(vec[pos : pos + ref.size].reshape(ref.shape).astype(ref.dtype))
         pos += ref.size
     if pos != len(vec):
         raise HEError(f"decrypted {len(vec)} values, the trained subset has {pos}")
