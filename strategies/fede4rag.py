@@ -241,7 +241,11 @@ class EncryptedMean(PhasedStrategy):
     def setup(self, protocol: Protocol, nodes: list[int]) -> None:
         """Phase ``train.hesetup``: the clients answer with the public context."""
         rep = protocol.broadcast(
-            SETUP, RecordDict({"config": ConfigRecord({})}), nodes, validate=self.check_setup
+            SETUP,
+            RecordDict({"config": ConfigRecord({})}),
+            nodes,
+            message_type=SETUP,
+            validate=self.check_setup,
         )
         if not rep.replies:
             reasons = "; ".join(f"node {n}: {r}" for n, r in sorted(rep.failures.items()))
