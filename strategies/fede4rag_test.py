@@ -109,10 +109,12 @@ def test_rounds_under_ckks_equal_the_plain_mean_and_the_server_holds_ciphertexts
     init = ArrayRecord(
         {"w": Array(np.ones((2, 3), np.float32)), "b": Array(np.zeros(2, np.float32))}
     )
+    proto.current_round = 1  # as round_loop does
     out1 = s.run_round(proto, 1, init, ConfigRecord(), ConfigRecord())
     # plain mean after round 1: init + mean(delta) = init + 1.5; evaluator sums 8 entries
     assert out1.arrays is None  # the server has no plaintext model to return
     assert out1.server_metrics["mrr"] == pytest.approx(6 * 2.5 + 2 * 1.5, abs=1e-5)
+    proto.current_round = 2
     out2 = s.run_round(proto, 2, init, ConfigRecord(), ConfigRecord())
     assert out2.server_metrics["mrr"] == pytest.approx(6 * 4.0 + 2 * 3.0, abs=1e-5)
     assert out2.train_metrics["loss"] == pytest.approx(2.0) and out2.train_metrics["he-add-s"] > 0
