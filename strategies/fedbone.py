@@ -331,15 +331,19 @@ class FedBone(PhasedStrategy):
         self.grad_history = state.get("grad_history")
 
     # ------------------------------------------------------------------ one step
-    def _step(self, protocol: Protocol, nodes: list[int], rnd: int, step: int) -> dict:
-        cfg = ConfigRecord({"server-round": rnd, "step": step})
+    def _embeddings(self, protocol: Protocol, phase: str, nodes: list[int], cfg: ConfigRecord):
+        """Ask ``nodes`` for their patch embeddings; shape ``(batch, *embed_shape)``, finite."""
         tail = tuple(self.general.embed_shape)
-        up = protocol.exchange(
-            EMBED,
+        return protocol.exchange(
+            phase,
             {n: RecordDict({"config": cfg}) for n in nodes},
-            message_type=EMBED,
+            message_type=phase,
             validate=lambda m: check_tensor(m, "embed", None, tail),
         )
+
+    def _step(self, protocol: Protocol, nodes: list[int], rnd: int, step: int) -> dict:
+        cfg = ConfigRecord({"server-round": rnd, "step": step})
+        up = self._embeddings(protocol, EMBED, nodes, cfg)
         got = up.by_node()
         order = [n for n in nodes if n in got]
         compute = {n: float(got[n].content["metrics"].get(COMPUTE_KEY, 0.0)) for n in order}
@@ -390,14 +394,7 @@ class FedBone(PhasedStrategy):
     def evaluate_clients(self, protocol: Protocol, nodes: list[int], rnd: int) -> MetricRecord:
         """Every client's task metric on its held-out images, through the split (no update)."""
         cfg = ConfigRecord({"server-round": rnd})
-        tail = tuple(self.general.embed_shape)
-        up = protocol.exchange(
-            EVAL_EMBED,
-            {n: RecordDict({"config": cfg}) for n in nodes},
-            message_type=EVAL_EMBED,
-            validate=lambda m: check_tensor(m, "embed", None, tail),
-        )
-        got = up.by_node()
+        got = self._embeddings(protocol, EVAL_EMBED, nodes, cfg).by_node()
         feats = {
             n: self.general.forward(n, m.content["embed"]["t"].numpy(), train=False)
             for n, m in got.items()

@@ -4,7 +4,7 @@ model), run_strategy, finish."""
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedbone.task import TorchGeneral, initial_arrays, parse_config
+from fedbone.task import TorchGeneral, initial_arrays, parse_config, step_costs
 from flowerbed.common.protocol import wait_for_nodes
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.server import finish, output_dir, run_method
@@ -26,12 +26,10 @@ def main(grid: Grid, context: Context) -> None:
         for k, v in result.evaluate_metrics_clientapp.get(cfg["num-server-rounds"], {}).items()
         if k != "num-examples"
     }
-    rates = [
-        r["conflict_rate"]
-        for r in getattr(strategy, "history", {}).values()
-        if "conflict_rate" in r
-    ]
+    history = getattr(strategy, "history", {}).values()
+    rates = [r["conflict_rate"] for r in history if "conflict_rate" in r]
     if rates:
         final["conflict_rate"] = sum(rates) / len(rates)
+    final.update(step_costs(writer.record["rounds"], cfg["steps"]))
     final.update(writer.record["extra"]["totals"])
     finish(writer, final, f"{APP} {cfg['method']}", "cls_accuracy", strategy)

@@ -386,3 +386,34 @@ def whole_evaluate(cfg, state, pid, n, general: ArrayRecord) -> dict[str, float]
     with torch.no_grad():
         out = cs.parts.top(cs.modules["general"](cs.parts.embed(x.to(cs.device))))
     return task_metrics(cs.parts.task, out.cpu(), target)
+
+
+# ---------------------------------------------------------------------------- costs per step
+STEP_PHASES = ("train.embed", "train.head", "train.back", "train")
+
+
+def step_costs(rounds: list[dict], steps: int) -> dict[str, float]:
+    """One definition of the cost of a training step for every method, from ``results.json``'s
+    rounds: ``bytes_per_step`` (both directions, all clients, the training phases only: the
+    split phases or FedAvg's ``train`` exchange; evaluation excluded) and
+    ``client_compute_s_per_step`` (seconds measured inside a client's phase functions or local
+    steps, mean over clients)."""
+    done = [r for r in rounds if r.get("round", 0) > 0]
+    if not done:
+        return {}
+    moved = sum(
+        ph["bytes_sent"] + ph["bytes_received"]
+        for r in done
+        for name, ph in r.get("phases", {}).items()
+        if name in STEP_PHASES
+    )
+    compute = [
+        r["client_compute_s_per_step"]
+        if "client_compute_s_per_step" in r
+        else r.get("train_compute-s", 0.0) / steps
+        for r in done
+    ]
+    return {
+        "bytes_per_step": moved / (len(done) * steps),
+        "client_compute_s_per_step": float(np.mean(compute)),
+    }
