@@ -61,11 +61,11 @@ def fit_decoder(h: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.T
 def decode(h: torch.Tensor, w: torch.Tensor, emb: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Token ids: the nearest input embedding (L2) to ``[h, 1] @ W``, over the whole vocab."""
     x = torch.cat([h.double(), torch.ones(len(h), 1, dtype=torch.float64)], 1)
-    e = emb.double()
+    e = emb.float()  # the vocab-wide distances in float32 (the map itself in float64)
     sq = (e * e).sum(1)
     out = []
     for s in range(0, len(x), chunk):
-        z = x[s : s + chunk] @ w
+        z = (x[s : s + chunk] @ w).float()
         out.append((2 * z @ e.T - sq).argmax(1))  # argmin ||z - e||^2
     return torch.cat(out)
 
