@@ -57,7 +57,15 @@ def rows(runs: list[dict]) -> list[dict]:
                 "wall_s": r.get("wall_time_s"),
             }
         )
-    return out
+    # centralized first, then the split runs with compression by sigma, then without
+    return sorted(
+        out,
+        key=lambda r: (
+            r["method"] != "centralized",
+            r["mask-compression"] is False,
+            r["sigma"] or 0,
+        ),
+    )
 
 
 def _fmt(v, spec: str = ".4f") -> str:
