@@ -124,6 +124,18 @@ def sweep(model, tok, ps, sigmas, n_train, n_eval, max_chars, seed, log=print) -
     return rows
 
 
+def magnitudes(model, tok, ps, n: int, max_chars: int, seed: int) -> list[dict]:
+    """Mean and median |h_A| over the real positions of the victim's ``n`` prompts, per p:
+    the scale the noise (E|noise| = sigma) is set against."""
+    _, victim = batches(tok, 1, n, max_chars, seed)
+    out = []
+    for p in ps:
+        h, real = hidden_states(SplitLlama(model, p, 1), victim)
+        x = h[real].abs()
+        out.append({"p": p, "mean_abs": float(x.mean()), "median_abs": float(x.median())})
+    return out
+
+
 def table(rows: list[dict]) -> str:
     ps = sorted({r["p"] for r in rows})
     sigmas = sorted({r["sigma"] for r in rows})
@@ -147,15 +159,21 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--max-chars", type=int, default=160)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default="outputs/fl-llama-attack")
+    ap.add_argument("--stats", action="store_true", help="print mean/median |h_A| per p only")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
     torch.manual_seed(a.seed)
     model = build_model(a.model, a.seed).eval()
     tok = D.CharTokenizer() if a.model == TINY else D.HFTaskTokenizer(load_tokenizer())
+    ps = [int(p) for p in a.p.split(",")]
+    if a.stats:
+        for r in magnitudes(model, tok, ps, a.eval, a.max_chars, a.seed):
+            print(f"p={r['p']}: mean |h_A| {r['mean_abs']:.3f}, median {r['median_abs']:.3f}")
+        return ""
     rows = sweep(
         model,
         tok,
-        [int(p) for p in a.p.split(",")],
+        ps,
         [float(s) for s in a.sigmas.split(",")],
         a.train,
         a.eval,
