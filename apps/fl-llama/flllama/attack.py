@@ -162,11 +162,16 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--stats", action="store_true", help="print mean/median |h_A| per p only")
     argv = sys.argv[1:] if argv is None else argv
     a = ap.parse_args(argv)
+    commit = subprocess.run(  # the code that runs: the commit at the start
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     torch.manual_seed(a.seed)
     model = build_model(a.model, a.seed).eval()
     tok = D.CharTokenizer() if a.model == TINY else D.HFTaskTokenizer(load_tokenizer())
     ps = [int(p) for p in a.p.split(",")]
     if a.stats:
+        att, vic = batches(tok, a.train, a.eval, a.max_chars, a.seed)
+        print(f"positions: attacker {int(att['counts'].sum())}, victim {int(vic['counts'].sum())}")
         for r in magnitudes(model, tok, ps, a.eval, a.max_chars, a.seed):
             print(f"p={r['p']}: mean |h_A| {r['mean_abs']:.3f}, median {r['median_abs']:.3f}")
         return ""
@@ -180,9 +185,6 @@ def main(argv: list[str] | None = None) -> str:
         a.max_chars,
         a.seed,
     )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     text = table(rows) + f"\n\n(`python -m flllama.attack {' '.join(argv)}`, commit {commit})"
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "attack.md").write_text(text + "\n")
