@@ -24,6 +24,14 @@ def load_runs(folder: str | Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(folder).rglob("results.json"))]
 
 
+def is_split(name: str) -> bool:
+    """A split-training method (flag ``split`` of the method table); the others are the
+    centralized reference."""
+    from flllama.methods import METHODS
+
+    return bool(METHODS[name].flag("split"))
+
+
 def _key(cfg: dict) -> tuple:
     return tuple(cfg.get(k) for k in SCHEDULE)
 
@@ -32,7 +40,7 @@ def rows(runs: list[dict]) -> list[dict]:
     """One row per run: configuration, final evaluation, loss ratio to centralized, bytes."""
     central = {}
     for r in runs:
-        if r["config"]["method"] == "centralized":
+        if not is_split(r["config"]["method"]):
             central[(_key(r["config"]), r["config"]["num-server-rounds"])] = r
     out = []
     for r in runs:
@@ -40,7 +48,7 @@ def rows(runs: list[dict]) -> list[dict]:
         last = rounds[-1]
         ref = central.get((_key(cfg), cfg["num-server-rounds"]))
         first = next((x for x in rounds if x["round"] == 1), {})
-        split = cfg["method"] != "centralized"
+        split = is_split(cfg["method"])
         out.append(
             {
                 "method": cfg["method"],
@@ -61,7 +69,7 @@ def rows(runs: list[dict]) -> list[dict]:
     return sorted(
         out,
         key=lambda r: (
-            r["method"] != "centralized",
+            is_split(r["method"]),
             r["mask-compression"] is False,
             r["sigma"] or 0,
         ),
@@ -105,7 +113,7 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         cfg = r["config"]
         label = cfg["method"]
-        if cfg["method"] != "centralized":
+        if is_split(cfg["method"]):
             label += f" sigma={cfg['sigma']:g}" + ("" if cfg["mask-compression"] else " no-compr.")
         xs = [x["round"] for x in r["rounds"] if "server_loss" in x]
         ax.plot(xs, [x["server_loss"] for x in r["rounds"] if "server_loss" in x], label=label)
