@@ -1,0 +1,171 @@
+"""FL-LLaMA experiment scripts on the tiny LLaMA: the inversion attack (decoder by hand, accuracy
+falls with sigma), the results table (ratio and bytes by hand) and the benchmark's arithmetic
+and output structure (never a timing)."""
+
+import pytest
+import torch
+
+from flowerbed.common.testing import app_path
+
+APP = app_path("fl-llama")
+
+from flllama import attack as A  # noqa: E402
+from flllama import bench, report  # noqa: E402
+from flllama import data as D  # noqa: E402
+from flllama.model import tiny_llama  # noqa: E402
+from flllama.split import SplitLlama, noise_std  # noqa: E402
+
+
+# ---------------------------------------------------------------------------- attack
+def test_decoder_inverts_exact_embeddings():
+    """States equal to the tokens' own embeddings: the ridge map is ~identity and the
+    nearest-embedding read-out gives every token back."""
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(20, 6, generator=gen)
+    ids = torch.randint(0, 20, (200,), generator=gen)
+    w = A.fit_decoder(emb[ids], emb[ids], ridge=1e-9)
+    torch.testing.assert_close(w[:6], torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w[6], torch.zeros(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.equal(A.decode(emb[ids], w, emb, chunk=7), ids)
+
+
+def test_decoder_learns_a_linear_map():
+    """States = tokens' embeddings through an invertible linear map plus an offset: the fitted
+    decoder undoes it (accuracy 1)."""
+    gen = torch.Generator().manual_seed(1)
+    emb = torch.randn(30, 8, generator=gen)
+    m = torch.randn(8, 8, generator=gen) + 3 * torch.eye(8)
+    ids = torch.randint(0, 30, (300,), generator=gen)
+    h = emb[ids] @ m + 0.5
+    w = A.fit_decoder(h, emb[ids], ridge=1e-9)
+    test = torch.arange(30)
+    assert torch.equal(A.decode(emb[test] @ m + 0.5, w, emb), test)
+
+
+@pytest.fixture(scope="module")
+def tiny_attack():
+    model = tiny_llama(0).eval()
+    attacker, victim = A.batches(D.CharTokenizer(), 48, 12, 60, seed=3)
+    return model, attacker, victim
+
+
+def test_attack_uses_disjoint_topics(tiny_attack):
+    _, attacker, victim = tiny_attack
+    assert set(attacker["topic"].tolist()).isdisjoint(victim["topic"].tolist())
+
+
+def test_attack_accuracy_falls_with_sigma(tiny_attack):
+    """Without noise the tiny A output (p = 1) is inverted well; the accuracy falls at every
+    larger sigma and is near 0 at sigma = 0.1 (tiny embeddings have std 0.02). Fails if the
+    noise is not applied to the states or its scale is dropped."""
+    model, attacker, victim = tiny_attack
+    split = SplitLlama(model, 1, 1)
+    acc = [A.attack(split, attacker, victim, s, seed=5) for s in (0.0, 0.02, 0.05, 0.1)]
+    assert acc[0] > 0.6
+    assert all(a > b for a, b in zip(acc[:-1], acc[1:], strict=True))
+    assert acc[3] < 0.1
+
+
+def test_attack_noise_is_the_protocol_noise(tiny_attack):
+    """The victim's states the decoder sees = A's output + the training noise (std
+    sigma*sqrt(pi/2) by default), at the real positions only."""
+    model, _, victim = tiny_attack
+    split = SplitLlama(model, 1, 1)
+    h, real = A.hidden_states(split, victim)
+    assert int(real.sum()) == int(victim["counts"].sum())
+    clean = A.noised(h, real, 0.0, True, 9)
+    noisy = A.noised(h, real, 0.5, True, 9)
+    std = float((noisy - clean).std())
+    assert std == pytest.approx(noise_std(0.5, True), rel=0.05)
+
+
+# ---------------------------------------------------------------------------- results table
+def _run(method, sigma, compression, loss, bytes_step, rounds=2):
+    cfg = {
+        "method": method,
+        "sigma": sigma,
+        "mask-compression": compression,
+        "num-server-rounds": rounds,
+        "sync-steps": 3,
+        **{k: 1 for k in report.SCHEDULE if k != "sync-steps"},
+    }
+    rs = [{"round": 0, "server_loss": 5.0, "server_accuracy": 0.1}]
+    rs += [
+        {
+            "round": r,
+            "server_loss": loss + (rounds - r),
+            "server_accuracy": 0.5,
+            "bytes_per_step": bytes_step * r,
+        }
+        for r in range(1, rounds + 1)
+    ]
+    return {"config": cfg, "rounds": rs, "git_commit": "abcdef0123", "wall_time_s": 3.0}
+
+
+def test_report_ratio_and_bytes_by_hand():
+    runs = [
+        _run("centralized", 0.0, True, 2.0, 0),
+        _run("split-sequential", 0.0, True, 2.1, 100),
+        _run("split-sequential", 0.0, False, 9.0, 700, rounds=1),
+    ]
+    rows = report.rows(runs)
+    assert rows[0]["ratio"] == pytest.approx(1.0) and rows[0]["bytes_per_step"] is None
+    assert rows[1]["ratio"] == pytest.approx(2.1 / 2.0)
+    assert rows[1]["bytes_per_step"] == 100  # round 1, not the last round (200)
+    assert rows[2]["ratio"] is None  # no centralized run with 1 round
+    assert rows[2]["bytes_per_step"] == 700
+    text = report.markdown(rows)
+    assert "| split-sequential | 0 | off | 1 x 3 |" in text
+    assert "| 1.0500 |" in text
+
+
+# ---------------------------------------------------------------------------- benchmark
+def test_bench_train_seconds_leave_out_round0_and_eval():
+    res = {
+        "rounds": [
+            {"round": 0, "round_time_s": 7.0, "eval_time_s": 7.0},
+            {"round": 1, "round_time_s": 5.0, "eval_time_s": 1.5},
+            {"round": 2, "round_time_s": 4.0, "eval_time_s": 1.0},
+        ]
+    }
+    assert bench.train_seconds(res) == pytest.approx(6.5)
+
+
+def test_bench_modes_table_ratios():
+    times = {("centralized", 2): 2.0, ("split-sequential", 2): 3.0, ("split-hierarchical", 2): 1.0}
+    text = bench.modes_table(times, [2])
+    assert "| split-sequential | 2 | 3.00 | 1.50 | 1.80 |" in text  # paper 689.2 / 381.9
+    assert "| split-hierarchical | 2 | 1.00 | 0.50 | 0.91 |" in text  # 348.2 / 381.9
+
+
+def test_bench_decode_runs_on_tiny():
+    rows = bench.decode_speed("tiny", [3], 1, 1, repeat=1)
+    assert [r["new_tokens"] for r in rows] == [3]
+    assert {"tok_s_cache", "tok_s_nocache", "speedup", "prompt_tokens"} <= set(rows[0])
+    assert "| 3 |" in bench.decode_table(rows)
+
+
+@pytest.mark.slow
+def test_bench_modes_runs_on_tiny(tmp_path):
+    """Every mode and centralized through a fresh runner process (tiny model, 2 clients)."""
+    args = bench.parser().parse_args(
+        [
+            "--part",
+            "modes",
+            "--model",
+            "tiny",
+            "--clients",
+            "2",
+            "--total-batches",
+            "2",
+            "--max-chars",
+            "30",
+            "--launcher",
+            "local",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    text = bench.bench_modes(args)
+    for m in ("centralized", *bench.MODES):
+        assert f"| {m} | 2 |" in text
