@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flowerbed.common.data import load_dataset
-from flowerbed.common.partition import partition_indices
+from flowerbed.common.partition import data_options, partition_indices
 from flowerbed.common.seeding import derive_seed
 
 PARTITION_ID = "partition-id"
@@ -70,6 +70,7 @@ def local_tensors(
         seed=seed,
         alpha=alpha,
         classes_per_partition=classes_per_partition,
+        **data_options(scheme, dataset, data_dir),
     )
     idx = parts[partition_id]
     if part != "all":

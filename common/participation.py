@@ -395,6 +395,13 @@ def with_participation(strategy: Strategy, cfg: Mapping[str, Any]) -> Strategy:
     (``unparticipating-fraction > 0``); unchanged otherwise."""
     if not is_on(cfg):
         return strategy
+    from flowerbed.common.protocol import PhasedStrategy
+
+    if isinstance(strategy, PhasedStrategy):
+        raise ParticipationError(
+            f"unparticipating-fraction={cfg['unparticipating-fraction']} needs a one-exchange "
+            f"strategy; {type(strategy).__name__} (method {cfg.get('method')!r}) is phased"
+        )
     return Participation(
         strategy,
         float(cfg["unparticipating-fraction"]),

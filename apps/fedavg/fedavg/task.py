@@ -165,8 +165,8 @@ def central_evaluator(cfg: dict[str, Any]):
 
 def label_histograms(cfg: dict[str, Any], num_partitions: int) -> list[list[int]]:
     """Per-client label counts of this run's partitioning (saved in the results file)."""
+    from flowerbed.common.partition import data_options, partition_indices
     from flowerbed.common.partition import label_histograms as hist
-    from flowerbed.common.partition import partition_indices
 
     bundle = load_dataset(cfg["dataset"], cfg["data-dir"] or None, mmap=True)
     parts = partition_indices(
@@ -176,5 +176,6 @@ def label_histograms(cfg: dict[str, Any], num_partitions: int) -> list[list[int]
         seed=cfg["seed"],
         alpha=cfg["alpha"],
         classes_per_partition=cfg["classes-per-partition"],
+        **data_options(cfg["partitioner"], cfg["dataset"], cfg["data-dir"]),
     )
     return hist(bundle.hard_labels, parts, bundle.num_classes).tolist()
