@@ -295,11 +295,9 @@ class Participation(Strategy):
     @property
     def history(self) -> dict[int, dict]:
         """The inner strategy's rows (if it keeps any) with the participation columns."""
-        inner = getattr(self.strategy, "history", None)
-        rows = {k: dict(v) for k, v in inner.items()} if isinstance(inner, dict) else {}
-        for rnd, extra in self._history.items():
-            rows.setdefault(rnd, {}).update(extra)
-        return rows
+        inner = getattr(self.strategy, "history", None) or {}
+        rounds = sorted(set(inner) | set(self._history))
+        return {r: {**inner.get(r, {}), **self._history.get(r, {})} for r in rounds}
 
     def summary(self) -> None:
         """Log the split, then the inner strategy."""
@@ -376,12 +374,17 @@ class Participation(Strategy):
             row["gap_rejected"] = rejected
         return MetricRecord(gap_summary(rows)) if rows else None
 
-    # checkpoint/resume of the inner strategy
+    # checkpoint / resume: the inner strategy's state and the gap rows
     def state_dict(self) -> dict:
-        inner = getattr(self.strategy, "state_dict", None)
-        return inner() if inner else {}
+        own = {"gap_history": {str(k): v for k, v in self._history.items()}}
+        return {
+            **(self.strategy.state_dict() if hasattr(self.strategy, "state_dict") else {}),
+            **own,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        self._history = {int(k): dict(v) for k, v in state.pop("gap_history", {}).items()}
         if hasattr(self.strategy, "load_state_dict"):
             self.strategy.load_state_dict(state)
 
