@@ -200,3 +200,17 @@ def test_with_participation_off_by_default():
     assert P.with_participation(inner, {}) is inner
     wrapped = P.with_participation(inner, {"unparticipating-fraction": 0.2, "seed": 1})
     assert isinstance(wrapped, P.Participation) and wrapped.strategy is inner
+
+
+def test_wrapper_state_roundtrip_keeps_gap_rows_and_inner_state():
+    from flowerbed.strategies.fedavg import FedAvg
+
+    inner = FedAvg()
+    inner.history[1] = {"num_failures": 0}
+    strat = P.Participation(inner, 0.2, seed=0)
+    strat._history[1] = {"num_gap_replies": 5}
+    assert strat.history == {1: {"num_failures": 0, "num_gap_replies": 5}}
+    state = strat.state_dict()
+    fresh = P.Participation(FedAvg(), 0.2, seed=0)
+    fresh.load_state_dict(state)
+    assert fresh.history == strat.history and fresh.strategy.history == {1: {"num_failures": 0}}
