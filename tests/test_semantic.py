@@ -33,18 +33,17 @@ def test_matching_pairs_the_close_components():
 
 
 def test_matching_is_hungarian_not_greedy():
-    # greedy on row 0 would take column 0 (cost 1) and force row 1 onto column 1 (cost 100);
-    # the optimum is 0->1, 1->0 (2 + 2)
-    means = {0: np.array([[0.0], [3.0]]), 1: np.array([[1.0], [2.0]])}
-    # build costs through the means: KL with unit variances = 0.5 * (m0 - m1)^2
+    # 1-d, unit variances: KL = 0.5 (m0 - m1)^2. Label 0 at 0 and 2, label 1 at 1 and -1.5.
+    # Greedy from component 0 takes 1 (0.5), leaving 2 <-> -1.5 (6.125): total 6.625. The
+    # optimum is 0 <-> -1.5 (1.125) and 2 <-> 1 (0.5): total 1.625.
+    means = {0: np.array([[0.0], [2.0]]), 1: np.array([[1.0], [-1.5]])}
     variances = {0: np.ones((2, 1)), 1: np.ones((2, 1))}
     k = S.kl_matrix(means[0], variances[0], means[1], variances[1])
-    assert k == pytest.approx(0.5 * np.array([[1.0, 4.0], [4.0, 1.0]]))
-    perm = S.match_components(means, variances, seed=0)
-    anchor = 0 if np.array_equal(perm[0], [0, 1]) and perm[1].tolist() != [0, 1] else None
-    # whichever label anchors, the pairs are (0 with 1.0) and (3 with 2.0)
-    pairs = {(means[0][perm[0][c]][0], means[1][perm[1][c]][0]) for c in range(2)}
-    assert pairs == {(0.0, 1.0), (3.0, 2.0)}, anchor
+    assert k == pytest.approx(0.5 * np.array([[1.0, 2.25], [1.0, 12.25]]))
+    for seed in range(4):  # either label as the anchor
+        perm = S.match_components(means, variances, seed=seed)
+        pairs = {(means[0][perm[0][c]][0], means[1][perm[1][c]][0]) for c in range(2)}
+        assert pairs == {(0.0, -1.5), (2.0, 1.0)}, seed
 
 
 def _blobs(seed=0, n=60, clients=3, labels=4):
