@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from flowerbed.common.data import load_dataset
-from flowerbed.common.partition import partition_indices
+from flowerbed.common.partition import data_options, partition_indices
 from flowerbed.common.seeding import derive_seed
 
 PARTITION_ID = "partition-id"
@@ -51,10 +51,16 @@ def local_tensors(
     alpha: float = 0.5,
     classes_per_partition: int = 2,
     data_dir: str = "",
+    part: str = "all",
+    unparticipating_fraction: float = 0.0,
+    val_fraction: float = 0.2,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """This partition's train split as tensors ``(x, y, num_classes)``; cached per process.
 
     The dataset is memory-mapped (shared by all processes), only the partition is copied.
+    ``part`` selects the rows of the participation split
+    (:func:`flowerbed.common.participation.split_of`: ``all``, ``train``, ``val``, ``unpart``);
+    with ``unparticipating_fraction = 0`` (the default) ``train`` is the whole partition.
     """
     bundle = load_dataset(dataset, data_dir or None, mmap=True)
     parts = partition_indices(
@@ -64,18 +70,34 @@ def local_tensors(
         seed=seed,
         alpha=alpha,
         classes_per_partition=classes_per_partition,
+        **data_options(scheme, dataset, data_dir),
     )
     idx = parts[partition_id]
+    if part != "all":
+        from flowerbed.common.participation import split_of
+
+        split_cfg = {
+            "unparticipating-fraction": unparticipating_fraction,
+            "val-fraction": val_fraction,
+            "seed": seed,
+        }
+        idx = split_of(split_cfg, idx, partition_id, num_partitions, part)
     x = torch.from_numpy(bundle.x_train[idx].copy())
     y = torch.from_numpy(bundle.y_train[idx].copy())
     return x, y, bundle.num_classes
 
 
 def partition_tensors(
-    cfg, partition_id: int, num_partitions: int
+    cfg, partition_id: int, num_partitions: int, part: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """:func:`local_tensors` with the keys of the shared ``DATA`` fragment of the run config
-    (``dataset``, ``data-dir``, ``partitioner``, ``alpha``, ``classes-per-partition``, ``seed``)."""
+    (``dataset``, ``data-dir``, ``partitioner``, ``alpha``, ``classes-per-partition``, ``seed``).
+
+    ``part`` (default ``train``: what the client trains on) is a part of the participation split
+    when the run config has the ``PARTICIPATION`` fragment turned on
+    (``unparticipating-fraction > 0``: a participating client's train slice); without it, or
+    with it off, ``train`` is the whole partition, as before.
+    """
     return local_tensors(
         cfg["dataset"],
         partition_id,
@@ -85,6 +107,9 @@ def partition_tensors(
         alpha=cfg["alpha"],
         classes_per_partition=cfg["classes-per-partition"],
         data_dir=cfg["data-dir"],
+        part=part,
+        unparticipating_fraction=float(cfg.get("unparticipating-fraction", 0.0)),
+        val_fraction=float(cfg.get("val-fraction", 0.2)),
     )
 
 

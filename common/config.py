@@ -2,7 +2,8 @@
 
 Each app declares a schema ``{key: Option(default, check, help)}`` built with :func:`compose`
 from the shared fragments below (:data:`SCHEDULE`, :data:`DATA`, :data:`TRAIN`, :data:`DEVICE`,
-:data:`RESULTS`, :data:`FAULTS`, :data:`ATTACK`) plus its own options, so the same key means the same thing in
+:data:`RESULTS`, :data:`FAULTS`, :data:`ATTACK`,
+:data:`PARTICIPATION`) plus its own options, so the same key means the same thing in
 every app. :func:`parse` checks a run config (``context.run_config`` or the runner's overrides)
 against it and raises :class:`ConfigError` with a one-line message naming the bad key and value
 before any work starts. With a :class:`~flowerbed.common.methods.MethodTable` it also resolves the
@@ -266,6 +267,21 @@ ATTACK: dict[str, Option] = {
     "attack-direction": Option(
         "std", choices=("std", "unit"), help="min-max / min-sum direction: std | unit"
     ),
+}
+
+
+#: Participation-gap evaluation (:mod:`flowerbed.common.participation`, Yuan et al., ICLR 2022);
+#: off by default (``unparticipating-fraction = 0``). An app composes it, wraps its strategy with
+#: :func:`flowerbed.common.participation.with_participation` and answers the gap evaluation in
+#: its ClientApp with :func:`flowerbed.common.participation.evaluate_splits`.
+PARTICIPATION: dict[str, Option] = {
+    "unparticipating-fraction": Option(
+        0.0, lambda v: 0 <= v < 1, "fraction of clients that never train in [0, 1) (0 = off)"
+    ),
+    "val-fraction": Option(
+        0.2, lambda v: 0 <= v < 1, "validation share of a participating client in [0, 1)"
+    ),
+    "gap-eval-every": Option(1, positive, "gap evaluation every n rounds > 0 (and the last)"),
 }
 
 

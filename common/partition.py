@@ -13,6 +13,9 @@ run-config key ``partitioner`` takes any registered name. Built in:
 ``pathological``   :class:`flwr_datasets.partitioner.PathologicalPartitioner`
                    (``classes_per_partition``)
 ``shard``          :class:`flwr_datasets.partitioner.ShardPartitioner` (``shards_per_partition``)
+``semantic``       :class:`flowerbed.common.semantic.SemanticPartitioner` (Yuan et al., ICLR
+                   2022: per-label Gaussian mixtures on embeddings, matched across labels);
+                   it reads the data itself, so callers pass :func:`data_options`
 
 A factory gets ``(num_partitions, seed, **options)`` (every option the caller passed: ``alpha``,
 ``classes_per_partition``, an app's own) and returns a partitioner; it ignores the options it
@@ -108,6 +111,18 @@ def _shard(num_partitions: int, seed: int, **kw):
         num_shards_per_partition=int(kw.get("shards_per_partition", 2)),
         seed=seed,
     )
+
+
+#: partitioners that need the dataset itself (its features), not only the labels
+DATA_AWARE: set[str] = {"semantic"}
+
+
+def data_options(scheme: str, dataset: str, data_dir: str | None = "") -> dict:
+    """The options a data-aware partitioner needs (``dataset``, ``data_dir``); ``{}`` for the
+    others, so their cache keys do not change. Pass them to :func:`partition_indices`."""
+    if scheme not in DATA_AWARE:
+        return {}
+    return {"dataset": dataset, "data_dir": data_dir or ""}
 
 
 def partition_indices(
@@ -211,3 +226,12 @@ def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_classes: i
 def save_histograms(path: str | Path, hist: np.ndarray) -> None:
     """Write the label histograms as JSON (one row per partition)."""
     Path(path).write_text(json.dumps({"label_histograms": hist.tolist()}))
+
+
+def _semantic(num_partitions: int, seed: int, **kw):
+    from flowerbed.common.semantic import semantic_factory
+
+    return semantic_factory(num_partitions, seed, **kw)
+
+
+register_partitioner("semantic", _semantic)

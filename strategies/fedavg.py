@@ -150,8 +150,15 @@ class FedAvg(_FlowerFedAvg):
         if self.sample_seed is None:
             return random.sample(node_ids, k)
         pmap = self._partition_map(grid, node_ids)
-        by_pid = {p: n for n, p in pmap.items()}
-        pids = sample_partitions(self.sample_seed, server_round, max(by_pid) + 1, k)
+        by_pid = {p: n for n, p in pmap.items() if n in node_ids}
+        present = sorted(by_pid)
+        if present == list(range(len(present))):  # every partition 0..n-1 (the usual case)
+            pids = sample_partitions(self.sample_seed, server_round, max(by_pid) + 1, k)
+        else:  # a subset (e.g. only the participating ones): sample k among those present
+            pos = sample_partitions(
+                self.sample_seed, server_round, len(present), min(k, len(present))
+            )
+            pids = [present[i] for i in pos]
         chosen = [by_pid[p] for p in pids if p in by_pid]
         return chosen or random.sample(node_ids, k)
 

@@ -7,6 +7,7 @@ from fedavg.secagg import is_legacy, legacy_train, secagg_switch
 from fedavg.task import local_evaluate, parse_config
 from flowerbed.common.client import add_partition_query, partition_of
 from flowerbed.common.faults import maybe_inject
+from flowerbed.common.participation import check_may_train, evaluate_splits, is_gap_evaluation
 from flowerbed.common.records import reply
 from flowerbed.common.threads import fit_threads
 
@@ -22,6 +23,7 @@ def train(msg: Message, context: Context) -> Message:
     if is_legacy(msg):  # the SecAgg+ workflow sends a legacy FitIns
         return legacy_train(cfg, msg, pid, n)
     maybe_inject(cfg, pid, int(msg.content["config"]["server-round"]))  # fault-* keys; off
+    check_may_train(cfg, pid, n)  # an unparticipating partition never trains
     out = cfg.method.client(msg, context, cfg)
     out.content["metrics"]["torch-threads"] = threads
     return out
@@ -32,5 +34,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     fit_threads(context)
     cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
-    metrics = local_evaluate(cfg, msg.content["arrays"], pid, n)
+    arrays = msg.content["arrays"]
+    if is_gap_evaluation(msg):  # participation gap: part-train / part-val or unpart
+        metrics = evaluate_splits(
+            cfg, pid, n, lambda part: local_evaluate(cfg, arrays, pid, n, part)
+        )
+    else:
+        metrics = local_evaluate(cfg, arrays, pid, n)
     return Message(content=reply(None, **metrics), reply_to=msg)

@@ -24,6 +24,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
     *C.STANDARD,
     C.FAULTS,
     C.ATTACK,  # Byzantine attacks (flowerbed.common.attacks), off by default
+    C.PARTICIPATION,  # participation-gap evaluation (flowerbed.common.participation), off
     {
         "method": C.Option("fedavg"),  # choices from the method table (fedavg.methods)
         "model": C.Option("cnn", choices=MODELS),
@@ -67,7 +68,12 @@ def parse_config(run_config) -> C.RunConfig:
     if cfg["secagg"]:
         clash = [
             f"{k}={cfg[k]}"
-            for k in ("dp-noise-multiplier", "max-update-norm", "fraction-evaluate")
+            for k in (
+                "dp-noise-multiplier",
+                "max-update-norm",
+                "fraction-evaluate",
+                "unparticipating-fraction",
+            )
             if cfg[k] > 0
         ] + [k for k in ("checkpoint", "resume") if cfg[k]]
         if clash:
@@ -133,8 +139,13 @@ def client_train(msg, context, cfg: dict[str, Any]):
     return sgd_step(msg, context, model, x, y, cfg["seed"], cfg["device"], **train_kwargs(cfg))
 
 
-def local_evaluate(cfg, arrays, partition_id, num_partitions) -> dict[str, float]:
-    x, y, num_classes = client_data(cfg, partition_id, num_partitions)
+def local_evaluate(
+    cfg, arrays, partition_id, num_partitions, part: str = "train"
+) -> dict[str, float]:
+    """The model ``arrays`` on this partition's ``part`` (:func:`partition_tensors`)."""
+    x, y, num_classes = partition_tensors(cfg, partition_id, num_partitions, part)
+    if len(x) == 0:
+        return {"num-examples": 0}
     model = load_record(make_model(cfg, x.shape[1:], num_classes), arrays)
     return {**evaluate(model, x, y, device=get_device(cfg["device"])), "num-examples": len(x)}
 
@@ -154,8 +165,8 @@ def central_evaluator(cfg: dict[str, Any]):
 
 def label_histograms(cfg: dict[str, Any], num_partitions: int) -> list[list[int]]:
     """Per-client label counts of this run's partitioning (saved in the results file)."""
+    from flowerbed.common.partition import data_options, partition_indices
     from flowerbed.common.partition import label_histograms as hist
-    from flowerbed.common.partition import partition_indices
 
     bundle = load_dataset(cfg["dataset"], cfg["data-dir"] or None, mmap=True)
     parts = partition_indices(
@@ -165,5 +176,6 @@ def label_histograms(cfg: dict[str, Any], num_partitions: int) -> list[list[int]
         seed=cfg["seed"],
         alpha=cfg["alpha"],
         classes_per_partition=cfg["classes-per-partition"],
+        **data_options(cfg["partitioner"], cfg["dataset"], cfg["data-dir"]),
     )
     return hist(bundle.hard_labels, parts, bundle.num_classes).tolist()

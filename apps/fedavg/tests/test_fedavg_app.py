@@ -134,3 +134,36 @@ def test_fedavg_runs_under_a_shared_attack(tmp_path):
     assert clean > 0.6 and attacked < clean - 0.3
     assert runs["attacked"]["rounds"][1]["malicious_partitions"] == [0, 1]
     assert "malicious_partitions" not in runs["clean"]["rounds"][1]
+
+
+def test_participation_gap_smoke(tmp_path):
+    """Participation-gap evaluation on (issue 16): 1 of 5 clients never trains (its train call
+    would raise ParticipationError, counted as a failure), every client is evaluated on its
+    splits each round, and the gap columns are in results.json per round and in ``final``."""
+    from flowerbed.common.participation import unparticipating_partitions
+    from flowerbed.simulation.local import run_local
+
+    tiny = {"dataset": "digits", "model": "mlp", "partitioner": "iid", "num-server-rounds": 2}
+    tiny.update({"local-steps": 10, "batch-size": 32, "lr": 0.1, "unparticipating-fraction": 0.2})
+    out = tmp_path / "gap"
+    run_local("fedavg", {**tiny, "results-dir": str(out)}, num_supernodes=5)
+    rec = json.loads((out / "results.json").read_text())
+    unpart = unparticipating_partitions(5, 0.2, 42)
+    assert len(unpart) == 1
+    for r in rec["rounds"][1:]:
+        assert r["num_sampled"] == 4 and r["num_train_replies"] == 4 and r["num_failures"] == 0
+        assert r["unparticipating_partitions"] == unpart and r["num_gap_replies"] == 5
+        assert r["client_num_part_clients"] == 4 and r["client_num_unpart_clients"] == 1
+        gap = r["client_part_val_accuracy_mean"] - r["client_unpart_accuracy_mean"]
+        assert r["client_participation_gap_accuracy"] == pytest.approx(gap)
+        oos = r["client_part_train_accuracy_mean"] - r["client_part_val_accuracy_mean"]
+        assert r["client_out_of_sample_gap_accuracy"] == pytest.approx(oos)
+        p = [r[f"client_part_val_accuracy_p{q}"] for q in (10, 50, 90)]
+        assert p == sorted(p) and 0 <= p[0] <= p[2] <= 1
+    final = rec["extra"]["final"]
+    assert final["part_train_accuracy_mean"] > 0.3  # 2 rounds on digits: above chance (0.1)
+    assert "participation_gap_accuracy" in final and "out_of_sample_gap_accuracy" in final
+    # digits: 1437 train examples, 5 iid partitions; 80% of the 4 participating ones train
+    hist = np.array(rec["extra"]["label_histograms"])
+    assert hist.sum() == 1437
+    assert rec["config"]["unparticipating-fraction"] == 0.2

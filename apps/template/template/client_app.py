@@ -3,9 +3,11 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flowerbed.common.client import add_partition_query
+from flowerbed.common.client import add_partition_query, partition_of
+from flowerbed.common.participation import check_may_train, evaluate_splits
+from flowerbed.common.records import reply
 from flowerbed.common.threads import fit_threads
-from template.task import parse_config
+from template.task import local_evaluate, parse_config
 
 app = ClientApp()
 add_partition_query(app)
@@ -15,4 +17,17 @@ add_partition_query(app)
 def train(msg: Message, context: Context) -> Message:
     fit_threads(context)  # this node's share of the host's cores (flowerbed.common.threads)
     cfg = parse_config(context.run_config)  # a bad key or value: one line naming it
+    check_may_train(cfg, *partition_of(context))  # unparticipating partitions never train
     return cfg.method.client(msg, context, cfg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The participation-gap evaluation (``unparticipating-fraction`` > 0): this client's
+    splits (part-train / part-val, or all of an unparticipating client's data)."""
+    fit_threads(context)
+    cfg = parse_config(context.run_config)
+    pid, n = partition_of(context)
+    arrays = msg.content["arrays"]
+    metrics = evaluate_splits(cfg, pid, n, lambda part: local_evaluate(cfg, arrays, pid, n, part))
+    return Message(content=reply(None, **metrics), reply_to=msg)

@@ -3,6 +3,7 @@
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from flowerbed.common.participation import final_gaps, with_participation
 from flowerbed.common.protocol import wait_for_nodes
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.server import finish, output_dir, run_method, with_options
@@ -19,9 +20,11 @@ def main(grid: Grid, context: Context) -> None:
     evaluate = evaluator(cfg)
     # the factories take what they need: LocalOnly evaluate_each, Centralized fit
     strategy = cfg.method.strategy(cfg, evaluate_each=evaluate, fit=central_fit(cfg, num_nodes))
+    strategy = with_participation(strategy, cfg)  # off unless unparticipating-fraction > 0
     strategy = with_options(strategy, cfg, writer, num_nodes)
     result = run_method(
         strategy, grid, cfg, writer, initial_arrays(cfg), lambda rnd, arrays: evaluate(arrays)
     )
-    final = result.evaluate_metrics_serverapp.get(cfg["num-server-rounds"], {})
+    final = dict(result.evaluate_metrics_serverapp.get(cfg["num-server-rounds"], {}))
+    final.update(final_gaps(result, cfg["num-server-rounds"]))  # the gap columns, when on
     finish(writer, final, f"template {cfg['method']}", "accuracy", strategy)

@@ -23,6 +23,7 @@ from flowerbed.common.train import evaluate, get_device
 #: every key of the app, from the shared fragments; app options go in the dict
 SCHEMA: dict[str, C.Option] = C.compose(
     *C.STANDARD,
+    C.PARTICIPATION,  # participation-gap evaluation (flowerbed.common.participation), off
     {"method": C.Option("fedavg")},  # choices from the method table
     num_server_rounds=3,
     dataset="digits",
@@ -98,3 +99,13 @@ def central_fit(cfg, num_partitions: int):
         return new, {k: v for k, v in metrics.items() if k != "train-time-s"}
 
     return fit
+
+
+def local_evaluate(cfg, arrays, partition_id: int, num_partitions: int, part: str):
+    """The model ``arrays`` on this partition's ``part`` (participation gap: ``train``,
+    ``val`` or ``unpart``, :func:`flowerbed.common.client.partition_tensors`)."""
+    x, y, _ = partition_tensors(cfg, partition_id, num_partitions, part)
+    if len(x) == 0:
+        return {"num-examples": 0}
+    model = load_record(make_model(cfg), arrays)
+    return {**evaluate(model, x, y, device=get_device(cfg["device"])), "num-examples": len(x)}

@@ -91,6 +91,29 @@ def test_every_method_runs_and_learns(tmp_path, method):
         assert rounds[1]["bytes_received"] > 3 * 4 * 55_000
 
 
+def test_participation_gap_columns(tmp_path):
+    """Participation-gap evaluation on (issue 16): 1 of 4 clients never trains, every client
+    is evaluated on its splits, the gap columns are in every round and in ``final``; a phased
+    method (local-only) with the split on stops with a named error."""
+    from flowerbed.common.participation import ParticipationError, unparticipating_partitions
+    from flowerbed.simulation.local import run_local
+
+    over = {"unparticipating-fraction": 0.25, "num-server-rounds": 2}
+    out = tmp_path / "gap"
+    run_local("template", {**over, "results-dir": str(out)}, num_supernodes=4)
+    rec = json.loads((out / "results.json").read_text())
+    for r in rec["rounds"][1:]:
+        assert r["num_sampled"] == 3 and r["num_failures"] == 0  # the 4th would raise
+        assert r["unparticipating_partitions"] == unparticipating_partitions(4, 0.25, 42)
+        assert r["client_num_part_clients"] == 3 and r["client_num_unpart_clients"] == 1
+        gap = r["client_part_val_accuracy_mean"] - r["client_unpart_accuracy_mean"]
+        assert r["client_participation_gap_accuracy"] == pytest.approx(gap)
+    final = rec["extra"]["final"]
+    assert final["part_train_accuracy_mean"] > 0.5 and "participation_gap_accuracy" in final
+    with pytest.raises(ParticipationError, match="is phased"):
+        run_local("template", {**over, "method": "local"}, num_supernodes=4)
+
+
 @pytest.mark.e2e
 def test_flwr_run_end_to_end(tmp_path):
     from flowerbed.simulation.flwr_cli import flwr_run

@@ -1,0 +1,216 @@
+"""The participation-gap split and metrics (flowerbed.common.participation), on hand-made data
+and mock replies: disjointness, proportions, seeding, the gap formulas, the wrapper's sampling
+and reply validation."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
+
+from flowerbed.common import config as C
+from flowerbed.common import participation as P
+from flowerbed.common.testing import FakeGrid, mock_reply
+
+
+# ----------------------------------------------------------------------------- the split
+def test_unparticipating_proportion_and_seed():
+    ids = P.unparticipating_partitions(50, 0.2, seed=1)
+    assert len(ids) == 10 and ids == sorted(set(ids)) and all(0 <= i < 50 for i in ids)
+    assert P.unparticipating_partitions(50, 0.2, seed=1) == ids  # same seed, same clients
+    assert P.unparticipating_partitions(50, 0.2, seed=2) != ids  # other seed, other clients
+    assert P.unparticipating_partitions(10, 0.2, seed=1).__len__() == 2
+    assert P.unparticipating_partitions(10, 0.0, seed=1) == []  # off
+    assert len(P.unparticipating_partitions(3, 0.1, seed=1)) == 1  # at least one when on
+    assert len(P.unparticipating_partitions(2, 0.9, seed=1)) == 1  # at least one trains
+    with pytest.raises(ValueError, match="unparticipating-fraction=1.0"):
+        P.unparticipating_partitions(10, 1.0, seed=1)
+
+
+def test_train_val_split_disjoint_proportion_seeded():
+    idx = np.arange(100, 200)
+    tr, va = P.split_train_val(idx, 0.2, seed=3, partition_id=4)
+    assert len(va) == 20 and len(tr) == 80
+    assert set(tr).isdisjoint(va) and set(tr) | set(va) == set(idx)
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(va) > 0)  # original order kept
+    tr2, va2 = P.split_train_val(idx, 0.2, seed=3, partition_id=4)
+    assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
+    assert not np.array_equal(va, P.split_train_val(idx, 0.2, seed=4, partition_id=4)[1])
+    assert not np.array_equal(va, P.split_train_val(idx, 0.2, seed=3, partition_id=5)[1])
+    tr1, va1 = P.split_train_val(np.array([7]), 0.5, seed=0, partition_id=0)
+    assert list(tr1) == [7] and len(va1) == 0  # a single example stays in train
+
+
+def test_three_way_split_of_a_partitioning_is_disjoint_and_complete():
+    parts = np.array_split(np.random.default_rng(0).permutation(1000), 10)
+    cfg = {"unparticipating-fraction": 0.2, "val-fraction": 0.25, "seed": 9}
+    unpart = P.unparticipating_partitions(10, 0.2, 9)
+    seen, sizes = [], {"train": 0, "val": 0, "unpart": 0}
+    for pid, idx in enumerate(parts):
+        pieces = {p: P.split_of(cfg, idx, pid, 10, p) for p in ("train", "val", "unpart")}
+        if pid in unpart:
+            assert len(pieces["train"]) == len(pieces["val"]) == 0
+            assert np.array_equal(pieces["unpart"], idx)
+        else:
+            assert len(pieces["unpart"]) == 0
+            assert len(pieces["val"]) == round(0.25 * len(idx))
+        for p, a in pieces.items():
+            sizes[p] += len(a)
+            seen.extend(a.tolist())
+    assert sorted(seen) == list(range(1000))  # disjoint and complete
+    assert sizes["unpart"] == 200 and sizes["val"] == 200 and sizes["train"] == 600
+    off = {"unparticipating-fraction": 0.0, "val-fraction": 0.25, "seed": 9}
+    assert np.array_equal(P.split_of(off, parts[0], 0, 10, "train"), parts[0])  # off: unchanged
+
+
+def test_fragment_validates_in_one_line():
+    schema = C.compose(C.RESULTS, C.PARTICIPATION)
+    assert C.parse({}, schema)["unparticipating-fraction"] == 0.0  # off by default
+    assert C.parse({}, schema)["val-fraction"] == 0.2
+    for key, bad in (("unparticipating-fraction", 1.0), ("val-fraction", -0.1)):
+        with pytest.raises(C.ConfigError, match=f"run config {key}={bad}"):
+            C.parse({key: bad}, schema)
+
+
+def test_check_may_train_names_the_partition():
+    cfg = {"unparticipating-fraction": 0.2, "val-fraction": 0.2, "seed": 0}
+    bad = P.unparticipating_partitions(10, 0.2, 0)[0]
+    with pytest.raises(P.ParticipationError, match=f"partition {bad} is unparticipating"):
+        P.check_may_train(cfg, bad, 10)
+    good = next(i for i in range(10) if i not in P.unparticipating_partitions(10, 0.2, 0))
+    P.check_may_train(cfg, good, 10)
+    P.check_may_train({**cfg, "unparticipating-fraction": 0.0}, bad, 10)
+
+
+# ----------------------------------------------------------------------------- the metrics
+def test_gap_summary_by_hand():
+    rows = [
+        {"participating": 1, "part-train-accuracy": 0.9, "part-val-accuracy": 0.8},
+        {"participating": 1, "part-train-accuracy": 0.7, "part-val-accuracy": 0.4},
+        {"participating": 0, "unpart-accuracy": 0.5},
+        {"participating": 0, "unpart-accuracy": 0.1},
+    ]
+    s = P.gap_summary(rows, metrics=("accuracy",))
+    assert s["num_part_clients"] == 2 and s["num_unpart_clients"] == 2
+    assert s["part_train_accuracy_mean"] == pytest.approx(0.8)
+    assert s["part_val_accuracy_mean"] == pytest.approx(0.6)
+    assert s["unpart_accuracy_mean"] == pytest.approx(0.3)
+    assert s["out_of_sample_gap_accuracy"] == pytest.approx(0.8 - 0.6)  # train - val
+    assert s["participation_gap_accuracy"] == pytest.approx(0.6 - 0.3)  # val - unpart
+    # percentiles over clients (numpy's linear interpolation): p10 of [0.1, 0.5] = 0.14
+    assert s["unpart_accuracy_p10"] == pytest.approx(0.14)
+    assert s["unpart_accuracy_p50"] == pytest.approx(0.3)
+    assert s["unpart_accuracy_p90"] == pytest.approx(0.46)
+    # per-client out-of-sample gaps 0.1 and 0.3
+    assert s["out_of_sample_gap_accuracy_p10"] == pytest.approx(0.12)
+    assert s["out_of_sample_gap_accuracy_p90"] == pytest.approx(0.28)
+
+
+def test_evaluate_splits_by_role():
+    cfg = {"unparticipating-fraction": 0.5, "val-fraction": 0.2, "seed": 0}
+    unpart = P.unparticipating_partitions(4, 0.5, 0)
+    asked = []
+
+    def score(part):
+        asked.append(part)
+        return {"accuracy": {"train": 0.9, "val": 0.7, "unpart": 0.5}[part], "num-examples": 10}
+
+    out = P.evaluate_splits(cfg, unpart[0], 4, score)
+    assert asked == ["unpart"] and out["participating"] == 0 and out["unpart-accuracy"] == 0.5
+    part = next(i for i in range(4) if i not in unpart)
+    asked.clear()
+    out = P.evaluate_splits(cfg, part, 4, score)
+    assert asked == ["train", "val"] and out["participating"] == 1
+    assert out["part-train-accuracy"] == 0.9 and out["part-val-accuracy"] == 0.7
+    assert out["num-examples"] == 20
+
+
+# ----------------------------------------------------------------------------- the wrapper
+class QueryGrid(FakeGrid):
+    """FakeGrid whose nodes answer the partition query (node id = partition id + 1)."""
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            n = m.metadata.dst_node_id
+            metrics = MetricRecord({"partition-id": n - 1, "num-partitions": len(self.node_ids)})
+            out.append(
+                mock_reply(RecordDict({"metrics": metrics}), n, message_type=MessageType.QUERY)
+            )
+        return out
+
+
+def _arrays():
+    return ArrayRecord({"w": Array(np.zeros(2))})
+
+
+@pytest.mark.parametrize("fraction_train", [1.0, 0.5])
+def test_wrapper_trains_only_participating_nodes(fraction_train):
+    from flowerbed.strategies.fedavg import FedAvg
+
+    grid = QueryGrid(list(range(1, 11)))
+    inner = FedAvg(fraction_train=fraction_train, min_train_nodes=1, sample_seed=5)
+    strat = P.Participation(inner, 0.2, seed=7, num_rounds=3)
+    unpart_nodes = {p + 1 for p in P.unparticipating_partitions(10, 0.2, 7)}
+    for rnd in (1, 2, 3):
+        msgs = list(strat.configure_train(rnd, _arrays(), ConfigRecord(), grid))
+        dst = {m.metadata.dst_node_id for m in msgs}
+        assert dst and not dst & unpart_nodes
+        assert len(dst) == (8 if fraction_train == 1.0 else 4)  # of the 8 participating
+    assert strat.trained_nodes.isdisjoint(unpart_nodes)
+    ev = list(strat.configure_evaluate(1, _arrays(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in ev) == list(range(1, 11))  # every node
+    assert all(m.content["config"][P.GAP_EVAL] for m in ev)
+
+
+def test_wrapper_rejects_bad_gap_replies_with_reasons():
+    from flowerbed.strategies.fedavg import FedAvg
+
+    grid = QueryGrid(list(range(1, 5)))
+    strat = P.Participation(FedAvg(), 0.5, seed=0)
+    list(strat.configure_train(1, _arrays(), ConfigRecord(), grid))
+    unpart = {p + 1 for p in P.unparticipating_partitions(4, 0.5, 0)}
+    part = sorted(set(range(1, 5)) - unpart)
+
+    def rep(node, **m):
+        return mock_reply(RecordDict({"metrics": MetricRecord(m)}), node, MessageType.EVALUATE)
+
+    u = sorted(unpart)
+    replies = [
+        rep(part[0], participating=1, **{"part-train-accuracy": 0.9, "part-val-accuracy": 0.8}),
+        rep(part[1], participating=1, **{"part-train-accuracy": 0.9}),  # no validation metric
+        rep(u[0], participating=1, **{"part-train-accuracy": 1.0, "part-val-accuracy": 1.0}),
+        rep(u[1], participating=0, **{"unpart-accuracy": float("nan")}),
+        mock_reply(None, part[1], MessageType.EVALUATE, error="boom"),
+    ]
+    out = strat.aggregate_evaluate(1, replies)
+    row = strat.history[1]
+    assert row["num_gap_replies"] == 1 and len(row["gap_rejected"]) == 4
+    text = " ".join(row["gap_rejected"])
+    assert "part-val-accuracy=None is missing" in text
+    assert "participating=1, the server expects 0" in text
+    assert "unpart-accuracy=nan" in text and "error reply: boom" in text
+    assert out["part_val_accuracy_mean"] == pytest.approx(0.8)
+    assert "unpart_accuracy_mean" not in out  # no valid unparticipating reply
+
+
+def test_with_participation_off_by_default():
+    from flowerbed.strategies.fedavg import FedAvg
+
+    inner = FedAvg()
+    assert P.with_participation(inner, {"unparticipating-fraction": 0.0}) is inner
+    assert P.with_participation(inner, {}) is inner
+    wrapped = P.with_participation(inner, {"unparticipating-fraction": 0.2, "seed": 1})
+    assert isinstance(wrapped, P.Participation) and wrapped.strategy is inner
+
+
+def test_wrapper_state_roundtrip_keeps_gap_rows_and_inner_state():
+    from flowerbed.strategies.fedavg import FedAvg
+
+    inner = FedAvg()
+    inner.history[1] = {"num_failures": 0}
+    strat = P.Participation(inner, 0.2, seed=0)
+    strat._history[1] = {"num_gap_replies": 5}
+    assert strat.history == {1: {"num_failures": 0, "num_gap_replies": 5}}
+    state = strat.state_dict()
+    fresh = P.Participation(FedAvg(), 0.2, seed=0)
+    fresh.load_state_dict(state)
+    assert fresh.history == strat.history and fresh.strategy.history == {1: {"num_failures": 0}}
