@@ -147,7 +147,9 @@ def timelines(
         lab.append(items[1 : n + 1])
         who.append(np.full(n, int(user), dtype=np.int64))
     if not ctx:
-        return Examples(np.zeros((0, max_context), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Examples(
+            np.zeros((0, max_context), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        )
     return Examples(np.concatenate(ctx), np.concatenate(lab), np.concatenate(who))
 
 
@@ -172,7 +174,12 @@ def shuffle_across_users(ex: Examples, seed: int) -> Examples:
 
 @lru_cache(maxsize=4)
 def load_split(
-    source: str, seed: int, iid: bool = False, max_users: int = 0, data_dir: str = ""
+    source: str,
+    seed: int,
+    iid: bool = False,
+    max_users: int = 0,
+    data_dir: str = "",
+    max_examples: int = MAX_EXAMPLES_PER_USER,
 ) -> Split:
     """The split of ``source`` for ``seed`` (cached per process).
 
@@ -183,10 +190,11 @@ def load_split(
         raise DataError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
     r = SOURCES[source](data_dir or None)
     if max_users:
-        keep = r.user <= np.unique(r.user)[: max_users][-1]
+        keep = r.user <= np.unique(r.user)[:max_users][-1]
         r = Ratings(r.user[keep], r.item[keep], r.time[keep], r.num_items)
     tr, va, te = split_users(r.user, seed)
-    train = timelines(r, tr)
+    train = timelines(r, tr, max_examples=max_examples)
     if iid:
         train = shuffle_across_users(train, seed)
-    return Split(train, timelines(r, va), timelines(r, te), r.num_items)
+    val, test = (timelines(r, u, max_examples=max_examples) for u in (va, te))
+    return Split(train, val, test, r.num_items)

@@ -19,8 +19,8 @@ summarised in ``../shared/papers/fed-retrieval.md``:
   * the losses of the paper's runs: ``batch-softmax``, ``global-softmax``, ``hinge-spreadout``
     (hinge + spreadout) and ``batch-softmax-spreadout``.
 
-- metrics: the rank of the true item among all items by ``C T^T`` (1 = best; ties counted in
-  the item's favour), global recall@K = fraction of rank <= K, and the mean rank.
+- metrics: the rank of the true item among all items by ``C T^T`` (1 = best; ties counted
+  against it), global recall@K = fraction of rank <= K, and the mean rank.
 """
 
 from __future__ import annotations
@@ -144,7 +144,9 @@ def loss_for(name: str, model: DualEncoder) -> Callable[[torch.Tensor, torch.Ten
 def ranks(
     model: DualEncoder, context: torch.Tensor, labels: torch.Tensor, batch_size: int = 2048
 ) -> torch.Tensor:
-    """Rank (1 = best) of each true label among all items by ``C T^T``; ties count for it."""
+    """Rank (1 = best) of each true label among all items by ``C T^T``: the number of items
+    scoring at least as high as it (ties count against it, so a collapsed model whose scores
+    are all equal ranks every label last, not first)."""
     model.eval()
     table = model.table()
     out = []
@@ -152,7 +154,7 @@ def ranks(
         c = model(context[i : i + batch_size])
         s = c @ table.T
         true = s.gather(1, (labels[i : i + batch_size] - 1).unsqueeze(1))
-        out.append(1 + (s > true).sum(1))
+        out.append((s >= true).sum(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 

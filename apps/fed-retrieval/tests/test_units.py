@@ -103,6 +103,10 @@ def test_ranks_and_recall_by_hand():
     assert M.ranks(m, ctx, labels).tolist() == [1, 2, 3]
     got = M.retrieval_metrics(m, ctx, labels, ks=(1, 2))
     assert got == pytest.approx({"recall@1": 1 / 3, "recall@2": 2 / 3, "mean-rank": 2.0})
+    # a collapsed model (every score equal) ranks every label last, not first
+    with torch.no_grad():
+        m.context_dense.weight.zero_()
+    assert M.ranks(m, ctx, labels).tolist() == [3, 3, 3]
 
 
 # ---------------------------------------------------------------------------- data
@@ -138,9 +142,7 @@ def test_user_split_is_seeded_and_disjoint():
 
 
 def test_iid_control_keeps_counts_and_examples():
-    ex = D.Examples(
-        np.arange(12).reshape(6, 2), np.arange(6) + 1, np.array([1, 1, 1, 1, 2, 2])
-    )
+    ex = D.Examples(np.arange(12).reshape(6, 2), np.arange(6) + 1, np.array([1, 1, 1, 1, 2, 2]))
     iid = D.shuffle_across_users(ex, seed=3)
     assert iid.user.tolist() == ex.user.tolist()  # each user keeps its number of examples
     assert sorted(iid.label.tolist()) == ex.label.tolist()
