@@ -11,15 +11,20 @@ failures are counted, too few valid replies keep the model, and clients are samp
 partition id with a seed.
 
 Flower's FedAdam (1.42) differs from Keras' Adam in two places the README states: ``tau`` (the
-epsilon) is added to ``sqrt(v)``, and the bias correction uses ``server_round + 1``.
+epsilon) is added to ``sqrt(v)``, and the bias correction uses ``server_round + 1``. It also
+returns float64 arrays (its bias-corrected rate is a numpy float64) for a float32 model, so the
+next round's float32 replies would fail the dtype check: the step is cast back to the model's
+dtypes here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO
 from typing import Any
 
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp.strategy import FedAdam as _FlowerFedAdam
 
@@ -76,6 +81,17 @@ class ServerAdam(_FlowerFedAdam, FedAvg):
         """Log the configuration (Flower's FedAdam settings, then flowerbed FedAvg's)."""
         log(INFO, "\t├──> ServerAdam: Flower's FedAdam over flowerbed's validated FedAvg")
         super().summary()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's Adam step on flowerbed's validated mean, in the global model's dtypes."""
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None:
+            return arrays, metrics
+        dtypes = {k: v.dtype for k, v in self.current_arrays.items()}
+        cast = {k: np.asarray(a.numpy(), dtype=dtypes[k]) for k, a in arrays.items()}
+        return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
 
 class ServerAdamError(ValueError):

@@ -42,6 +42,13 @@ def test_server_adam_step_by_hand_on_the_example_weighted_mean():
     np.testing.assert_allclose(arrays["w"].numpy(), _adam_by_hand([2.5, -0.5]), rtol=1e-5)
     # the server step moves with the delta's sign, about eta-sized (lr 1.0), not by the delta
     assert arrays["w"].numpy()[0] > 0 > arrays["w"].numpy()[1]
+    # the model keeps its dtype (Flower's FedAdam computes in float64), so round 2's float32
+    # replies pass the dtype check and move the model again
+    assert arrays["w"].numpy().dtype == np.float32
+    list(s.configure_train(2, arrays, ConfigRecord(), FakeGrid([1, 2, 3])))
+    again, _ = s.aggregate_train(2, [train_reply({"w": _f([5.0, 5.0])}, 1, node_id=1)])
+    assert s.history[2]["num_train_replies"] == 1
+    assert not np.allclose(again["w"].numpy(), arrays["w"].numpy())
 
 
 def test_a_malformed_reply_is_rejected_by_name_and_never_enters():

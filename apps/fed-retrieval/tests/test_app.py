@@ -142,6 +142,9 @@ def test_smoke_run_writes_results(tmp_path, method):
         # the model (1683 x 16 + 16 x 16 + 16 floats) to 4 nodes
         assert rounds[1]["bytes_sent"] > 4 * 4 * (1683 * 16 + 272)
         assert rounds[1]["train_users"] == 8  # 32 train users on 4 nodes
+        # every reply of both rounds validated and averaged (round 2 starts from the Adam step)
+        assert [rounds[r]["num_train_replies"] for r in (1, 2)] == [4, 4]
+        assert rounds[2]["num_rejected"] == 0
 
 
 def test_clients_per_round_is_fraction_train(tmp_path):
