@@ -54,6 +54,7 @@ SERVER_GRAD = "server-grad"
 CLIENT_GRAD = "client-grad"
 ALGORITHM_KEY = "mixed-algorithm"
 WF_KEY, WC_KEY = "w-f", "w-c"
+UPLOAD_KEY = "upload-grad"  # train config: the client adds ``client-grad`` to its reply (2-way)
 
 Direction = Callable[[Mapping[str, Any]], Mapping[str, Any]]
 
@@ -216,6 +217,7 @@ class MixedFL(FedAvg):
         """FedAvg's messages plus the algorithm, the weights and (1-way, 2-way) ``g_c``."""
         config[ALGORITHM_KEY] = self.algorithm
         config[WF_KEY], config[WC_KEY] = self.w_f, self.w_c
+        config[UPLOAD_KEY] = self.algorithm == "2-way"
         self._server_grad = None
         if self.sends_server_grad:
             self._server_grad = self.server_data.gradient(server_round, arrays)
