@@ -120,13 +120,18 @@ def test_one_way_client_step_adds_the_weighted_server_gradient():
 
 
 def test_two_way_client_uploads_its_gradient_at_the_received_model():
-    # one plain step: y = x - lr g_i, so the uploaded g_i = (x - y) / lr
-    init, out = _call({"local-steps": 1}, {"upload-grad": True})
-    grad = out[CLIENT_GRAD]
-    for k in grad:
-        want = (init[k].numpy() - out["arrays"][k].numpy()) / 0.1
-        np.testing.assert_allclose(grad[k].numpy(), want, atol=1e-4)
-    assert float(sum(np.abs(grad[k].numpy()).sum() for k in grad)) > 0
+    # one plain step: y = x - lr g_i, so g_i = (x - y) / lr at the received model x
+    init, one = _call({"local-steps": 1}, {"upload-grad": True})
+    for k in init:
+        want = (init[k].numpy() - one["arrays"][k].numpy()) / 0.1
+        np.testing.assert_allclose(one[CLIENT_GRAD][k].numpy(), want, atol=1e-4)
+    # with 3 steps the upload is still the first step's gradient (same seed, same first batch)
+    _, three = _call({"local-steps": 3}, {"upload-grad": True})
+    for k in init:
+        np.testing.assert_allclose(
+            three[CLIENT_GRAD][k].numpy(), one[CLIENT_GRAD][k].numpy(), atol=1e-6
+        )
+    assert float(sum(np.abs(one[CLIENT_GRAD][k].numpy()).sum() for k in init)) > 0
 
 
 def test_server_side_gradient_and_steps():
