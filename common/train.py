@@ -37,6 +37,7 @@ def train(
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
     optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    before_step: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, float]:
     """Local SGD (or another optimiser) on ``(x, y)``.
 
@@ -67,6 +68,9 @@ def train(
     optimizer : callable or None, default None
         ``optimizer(model.parameters()) -> torch.optim.Optimizer``; SGD with ``lr`` and
         ``momentum`` if None (``lr`` and ``momentum`` are then not used).
+    before_step : callable or None, default None
+        ``before_step(model)`` after each backward pass, before the optimiser step: it may read
+        or replace the parameters' ``.grad`` (e.g. Mixed FL adds the server's gradient).
 
     Returns
     -------
@@ -94,6 +98,8 @@ def train(
                 )
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
+            if before_step is not None:
+                before_step(model)
             opt.step()
             total += float(loss.detach())
             steps += 1
