@@ -107,7 +107,7 @@ def test_scoring_client_replies_one_scalar_per_completion_and_nothing_else():
     assert reply.content["rewards"]["r"] == [10.0, 2.0, 2.0, 8.0]
 
 
-def test_sft_client_step_is_seeded_and_learns():
+def test_sft_client_step_is_seeded_and_moves_the_adapter():
     cfg = {k: str(v) if isinstance(v, bool) else v for k, v in TINY.items()}
     init = task.LoraPolicy(task.parse_config(cfg)).arrays()
 
