@@ -175,10 +175,13 @@ def test_flwr_run_end_to_end(tmp_path):
 
     out = tmp_path / "e2e"
     p = flwr_run(
-        "fedgrpo", {**TINY, "num-server-rounds": 1, "results-dir": str(out)}, num_supernodes=3
+        "fedgrpo",
+        {**TINY, "num-server-rounds": 1, "num-experts": 1, "results-dir": str(out)},
+        num_supernodes=3,
     )
     assert p.returncode == 0, p.stderr[-2000:]
     rec = json.loads((out / "results.json").read_text())
     rounds = {r["round"]: r for r in rec["rounds"]}
     assert sorted(rounds) == [0, 1]
-    assert rounds[1]["phases"]["score"]["num_replies"] >= 2 and rounds[1]["reward_error"] == 0.0
+    # one expert per domain (3 clients, M = 1): the graph routes each prompt to it
+    assert rounds[1]["phases"]["score"]["num_replies"] == 3 and rounds[1]["reward_error"] == 0.0
