@@ -26,8 +26,8 @@ MUTATIONS = [
     (
         "global softmax label off by one",
         "model.py",
-        "c @ table.T, labels - 1)",
-        "c @ table.T, labels)",
+        "/ temperature, labels - 1)",
+        "/ temperature, labels)",
         UNITS,
     ),
     (
@@ -80,6 +80,48 @@ MUTATIONS = [
         'bool(cfg.method.flag("iid", False))',
         "False",
         APPT + "::test_iid_control_trains_on_shuffled_examples",
+    ),
+    (
+        "batch softmax temperature multiplied",
+        "model.py",
+        "s = (c @ e.T) / temperature",
+        "s = (c @ e.T) * temperature",
+        UNITS,
+    ),
+    (
+        "global softmax temperature dropped",
+        "model.py",
+        "F.cross_entropy((c @ table.T) / temperature, labels - 1)",
+        "F.cross_entropy((c @ table.T), labels - 1)",
+        UNITS,
+    ),
+    (
+        "temperature not passed to the batch-softmax loss",
+        "model.py",
+        "    return batch_softmax(c, e, opts.temperature)\n",
+        "    return batch_softmax(c, e)\n",
+        UNITS,
+    ),
+    (
+        "table spreadout dropped from the hinge loss",
+        "model.py",
+        "out = out + table_spreadout(model, opts.table_spreadout_lambda)",
+        "out = out",
+        UNITS,
+    ),
+    (
+        "table spreadout keeps the diagonal",
+        "model.py",
+        "return lam * (full - diag)",
+        "return lam * (full - 0 * diag)",
+        UNITS,
+    ),
+    (
+        "run-config temperature ignored",
+        "task.py",
+        'cfg["temperature"]',
+        "1.0",
+        APPT + "::test_loss_options_come_from_the_run_config",
     ),
 ]
 

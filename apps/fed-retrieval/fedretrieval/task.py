@@ -20,7 +20,14 @@ from flwr.app import ArrayRecord, Message
 from flwr_datasets.partitioner import Partitioner
 
 from fedretrieval import data as D
-from fedretrieval.model import EMBEDDING_DIM, DualEncoder, loss_for, retrieval_metrics
+from fedretrieval.model import (
+    EMBEDDING_DIM,
+    SPREADOUT_LAMBDA,
+    DualEncoder,
+    LossOptions,
+    loss_for,
+    retrieval_metrics,
+)
 from flowerbed.common import config as C
 from flowerbed.common.client import local_sgd, partition_of
 from flowerbed.common.partition import partition_indices, register_partitioner
@@ -68,6 +75,15 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "max-users": C.Option(0, C.non_negative, "keep the first N user ids (0 = all) >= 0"),
         "max-examples-per-user": C.Option(300, C.positive, "examples per user > 0"),
         "embedding-dim": C.Option(EMBEDDING_DIM, C.positive, "embedding width > 0"),
+        "temperature": C.Option(1.0, C.positive, "softmax logits / temperature > 0 (1 = none)"),
+        "spreadout-lambda": C.Option(
+            SPREADOUT_LAMBDA, C.non_negative, "weight of each spreadout term >= 0"
+        ),
+        "table-spreadout-lambda": C.Option(
+            0.0,
+            C.non_negative,
+            "whole-item-table spreadout weight >= 0 (hinge-spreadout; 0 = off)",
+        ),
         "server-lr": C.Option(1.0, C.positive, "server Adam learning rate > 0"),
         "server-beta1": C.Option(0.9, lambda v: 0 <= v < 1, "Adam beta1 in [0, 1)"),
         "server-beta2": C.Option(0.999, lambda v: 0 <= v < 1, "Adam beta2 in [0, 1)"),
@@ -114,6 +130,12 @@ def _tensors(ex: D.Examples) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ex.context), torch.from_numpy(ex.label)
 
 
+def loss_options(cfg) -> LossOptions:
+    """The loss settings of the run config (``temperature``, ``spreadout-lambda``,
+    ``table-spreadout-lambda``)."""
+    return LossOptions(cfg["temperature"], cfg["spreadout-lambda"], cfg["table-spreadout-lambda"])
+
+
 def _sgd(cfg, model, arrays, ex, seed):
     x, y = _tensors(ex)
     return local_sgd(
@@ -123,7 +145,7 @@ def _sgd(cfg, model, arrays, ex, seed):
         y,
         seed,
         device=cfg["device"],
-        loss_fn=loss_for(cfg.method.flag("loss"), model),
+        loss_fn=loss_for(cfg.method.flag("loss"), model, loss_options(cfg)),
         epochs=cfg["local-epochs"],
         batch_size=cfg["batch-size"],
         lr=cfg["lr"],

@@ -14,6 +14,7 @@ from flowerbed.common.testing import app_path, mock_reply, node_context
 APP = app_path("fed-retrieval")
 
 from fedretrieval import client_app, task  # noqa: E402
+from fedretrieval import model as M  # noqa: E402
 from fedretrieval.methods import METHODS  # noqa: E402
 
 TINY = {"max-users": 40, "num-server-rounds": 2, "device": "cpu"}
@@ -38,6 +39,16 @@ def test_bad_key_or_value_is_one_line():
         task.parse_config({"method": "fedmagic"})
     with pytest.raises(ConfigError, match=r"source='ml-20m': must be one of ml-100k, ml-1m"):
         task.parse_config({"source": "ml-20m"})
+    with pytest.raises(ConfigError, match=r"^run config temperature=0.0: softmax logits"):
+        task.parse_config({"temperature": 0.0})
+
+
+def test_loss_options_come_from_the_run_config():
+    cfg = task.parse_config(
+        {"temperature": 0.1, "spreadout-lambda": 0.002, "table-spreadout-lambda": 0.01}
+    )
+    assert task.loss_options(cfg) == M.LossOptions(0.1, 0.002, 0.01)
+    assert task.loss_options(task.parse_config({})) == M.LossOptions()  # the authors' defaults
 
 
 def _call(cfg_over: dict, pid: int, n: int, rnd: int = 1):

@@ -91,6 +91,49 @@ def test_composite_losses_through_the_model():
     assert got["global-softmax"] == pytest.approx((l0 + l1) / 2, rel=1e-6)
 
 
+def test_temperature_divides_the_softmax_logits_by_hand():
+    # S / 0.5 = [[1.2, 2.0], [1.6, 0]]: row 0 target 0 -> log(1 + e^.8); row 1 target 1 ->
+    # log(1 + e^1.6). A dropped temperature gives the T = 1 value, a multiplied one S * 0.5.
+    want = (math.log(1 + math.exp(0.8)) + math.log(1 + math.exp(1.6))) / 2
+    assert M.batch_softmax(C2, E2, temperature=0.5).item() == pytest.approx(want, rel=1e-6)
+    table = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    # logits / 0.5: row 0 [2, 0, -2] target item 1; row 1 [0, 2, 0] target item 3
+    l0 = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
+    l1 = -math.log(1 / (1 + math.exp(2) + 1))
+    got = M.global_softmax(C2, table, torch.tensor([1, 3]), temperature=0.5).item()
+    assert got == pytest.approx((l0 + l1) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        M.LossOptions(temperature=0.0)
+
+
+def test_loss_options_through_the_model_by_hand():
+    m = _fixed_model()
+    c, labels = m(torch.tensor([[1, 0], [2, 0]])), torch.tensor([3, 1])  # C2, E2 as above
+    opts = M.LossOptions(temperature=0.5, spreadout_lambda=0.01, table_spreadout_lambda=0.1)
+    got = {k: M.loss_for(k, m, opts)(c, labels).item() for k in M.LOSSES}
+    bs = (math.log(1 + math.exp(0.8)) + math.log(1 + math.exp(1.6))) / 2
+    sp = 0.01 * (1e-6 + math.sqrt(0.72) + math.sqrt(1.64))
+    # items [1, 0], [0, 1], [.6, .8]: T T^T off-diagonal 0, .6, .8 (twice) -> sqrt(2)
+    table = 0.1 * math.sqrt(2.0)
+    assert got["batch-softmax"] == pytest.approx(bs, rel=1e-6)
+    assert got["batch-softmax-spreadout"] == pytest.approx(bs + sp, rel=1e-6)  # no table term
+    assert got["hinge-spreadout"] == pytest.approx(0.45 + sp + table, rel=1e-6)  # no temperature
+    l0 = -math.log(math.exp(1.2) / (math.exp(2) + 1 + math.exp(1.2)))
+    l1 = -math.log(1 / (1 + math.exp(2) + math.exp(1.6)))
+    assert got["global-softmax"] == pytest.approx((l0 + l1) / 2, rel=1e-6)
+
+
+def test_table_spreadout_equals_the_full_matrix_form():
+    m = _fixed_model()
+    assert M.table_spreadout(m, 1.0).item() == pytest.approx(math.sqrt(2.0), rel=1e-6)
+    torch.manual_seed(0)
+    big = M.DualEncoder(50, dim=4)
+    t = big.table()
+    assert M.table_spreadout(big, 0.3).item() == pytest.approx(
+        0.3 * M.spreadout(t @ t.T).item(), rel=1e-5
+    )
+
+
 def test_context_tower_masks_the_padding():
     m = _fixed_model()  # row 0 (padding) is [9, 9]: it must not enter the mean
     assert torch.allclose(m(torch.tensor([[1, 2, 0, 0]])), torch.tensor([[1.0, 1.0]]) / 2**0.5)
