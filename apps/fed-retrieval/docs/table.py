@@ -65,7 +65,7 @@ def load(out: Path) -> dict:
             for setting in SETTINGS:
                 if method(loss, setting) == name:
                     cells.setdefault((loss, setting), []).append(rec["extra"]["final"])
-        commits.add(str(rec.get("commit", "?"))[:7])
+        commits.add(str(rec.get("git_commit", "?")))
     return cells, commits
 
 
