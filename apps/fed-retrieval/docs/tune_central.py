@@ -9,6 +9,7 @@ Each ``--set`` is a comma-separated list of run-config overrides; one line per e
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,12 +20,11 @@ from fedretrieval import task  # noqa: E402
 
 
 def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
+    """A number when ``v`` parses as JSON (``0.1``, ``3``), else the string."""
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
 
 
 def main() -> None:
