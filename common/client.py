@@ -113,6 +113,18 @@ def partition_tensors(
     )
 
 
+def split_label_counts(cfg, partition_id: int, num_partitions: int):
+    """``label_counts(part)`` for :func:`flowerbed.common.participation.evaluate_splits`: the
+    label histogram (one count per class) of this partition's ``part``, from
+    :func:`partition_tensors` (cached, so no second copy of the data)."""
+
+    def label_counts(part: str) -> list[int]:
+        _, y, num_classes = partition_tensors(cfg, partition_id, num_partitions, part)
+        return torch.bincount(y.long().flatten(), minlength=num_classes).tolist()
+
+    return label_counts
+
+
 def add_partition_query(app: ClientApp) -> None:
     """Register a ``query`` handler that answers with the node's partition id.
 
