@@ -149,7 +149,9 @@ def evaluate_splits(
 
     ``score(part)`` evaluates the received model on this client's ``part`` (``"train"``,
     ``"val"`` or ``"unpart"``, see :func:`split_of`) and returns ``{"accuracy": ..., "loss":
-    ..., "num-examples": n}``. A participating client answers ``part-train-*`` and
+    ..., "num-examples": n}`` and optionally ``"class-correct"`` (correct examples per class,
+    :func:`flowerbed.common.train.evaluate` with ``num_classes``: the per-class accuracy
+    the analysis of the gap uses). A participating client answers ``part-train-*`` and
     ``part-val-*``, an unparticipating one ``unpart-*``; both answer ``participating`` (1/0)
     and ``num-examples`` (the total). Per split the reply also carries ``<split>-num-examples``
     (for the example-weighted means and the per-client rows) and, when ``label_counts(part)``
@@ -166,7 +168,12 @@ def evaluate_splits(
         metrics = dict(score(part))
         n_part = int(metrics.pop("num-examples", 0))
         total += n_part
-        out.update({f"{name}-{k}": float(v) for k, v in metrics.items()})
+        out.update(
+            {
+                f"{name}-{k}": [int(c) for c in v] if isinstance(v, list | tuple) else float(v)
+                for k, v in metrics.items()
+            }
+        )
         out[f"{name}-num-examples"] = n_part
         if label_counts is not None:
             out[f"{name}-label-counts"] = [int(c) for c in label_counts(part)]
@@ -212,6 +219,16 @@ def check_gap_reply(msg: Message, unpart_nodes: set[int], metric: str = "accurac
                 return f"{name}-label-counts is not a list of non-negative ints"
             if n is not None and sum(counts) != n:
                 return f"{name}-label-counts sum to {sum(counts)}, not {name}-num-examples={n}"
+        hits = m.get(f"{name}-class-correct")  # optional; needs the label counts
+        if hits is not None:
+            if counts is None or not isinstance(hits, list) or len(hits) != len(counts):
+                return f"{name}-class-correct does not match {name}-label-counts"
+            if not all(
+                isinstance(h, int) and 0 <= h <= c for h, c in zip(hits, counts, strict=True)
+            ):
+                return f"{name}-class-correct is not within 0..label count per class"
+            if metric == "accuracy" and abs(sum(hits) - v * sum(counts)) > 0.5:
+                return f"{name}-class-correct sums to {sum(hits)}, not {name}-{metric}={v:.4f}"
     return None
 
 
@@ -231,7 +248,8 @@ def client_row(metrics: Mapping[str, Any], partition_id: int) -> dict[str, Any]:
     ``partition_id`` (the server's map, not the client's word), ``participating`` (1/0) and,
     per split it answered (``part_train``, ``part_val`` or ``unpart``): ``<split>_accuracy``,
     ``<split>_loss``, ``<split>_num_examples`` and, when the ClientApp sends its label
-    histogram, ``<split>_label_counts`` and ``<split>_label_entropy`` (bits).
+    histogram, ``<split>_label_counts`` and ``<split>_label_entropy`` (bits), and its
+    correct examples per class, ``<split>_class_correct``.
     """
     row: dict[str, Any] = {
         "partition_id": int(partition_id),

@@ -310,3 +310,44 @@ def test_wrapper_writes_per_client_rows_and_rejects_bad_sizes():
     }  # fmt: skip
     assert out["participation_gap_accuracy"] == pytest.approx(0.8 - 0.6)
     assert out["participation_gap_accuracy_weighted"] == pytest.approx(0.8 - 0.6)
+
+
+def test_evaluate_counts_correct_examples_per_class():
+    import torch
+
+    from flowerbed.common.train import evaluate
+
+    class Fixed(torch.nn.Module):  # predicts class 1 for every input
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, 0.0]]).repeat(len(x), 1)
+
+    x, y = torch.zeros(5, 2), torch.tensor([0, 1, 1, 2, 1])
+    out = evaluate(Fixed(), x, y, device=torch.device("cpu"), num_classes=3)
+    assert out["class-correct"] == [0, 3, 0] and out["accuracy"] == pytest.approx(0.6)
+    assert "class-correct" not in evaluate(Fixed(), x, y, device=torch.device("cpu"))
+    cfg = {"unparticipating-fraction": 0.5, "val-fraction": 0.2, "seed": 0}
+    unpart = P.unparticipating_partitions(4, 0.5, 0)[0]
+    reply = P.evaluate_splits(cfg, unpart, 4, lambda p: {**out, "num-examples": 5})
+    assert reply["unpart-class-correct"] == [0, 3, 0]  # lists pass through as ints
+
+
+def test_class_correct_is_checked_against_counts_and_accuracy():
+    from flowerbed.strategies.fedavg import FedAvg
+
+    grid = QueryGrid(list(range(1, 5)))
+    strat = P.Participation(FedAvg(), 0.5, seed=0)
+    list(strat.configure_train(1, _arrays(), ConfigRecord(), grid))
+    unpart = sorted(p + 1 for p in P.unparticipating_partitions(4, 0.5, 0))
+
+    def rep(node, hits, acc=0.6):
+        m = {"participating": 0, "unpart-accuracy": acc, "unpart-num-examples": 5,
+             "unpart-label-counts": [1, 3, 1], "unpart-class-correct": hits}  # fmt: skip
+        return mock_reply(RecordDict({"metrics": MetricRecord(m)}), node, MessageType.EVALUATE)
+
+    strat.aggregate_evaluate(1, [rep(unpart[0], [0, 3, 0]), rep(unpart[1], [0, 4, 0])])
+    assert "not within 0..label count" in " ".join(strat.history[1]["gap_rejected"])
+    assert strat.history[1]["gap_clients"][0]["unpart_class_correct"] == [0, 3, 0]
+    strat.aggregate_evaluate(2, [rep(unpart[0], [1, 3, 0]), rep(unpart[1], [0, 3])])
+    text = " ".join(strat.history[2]["gap_rejected"])
+    assert "class-correct sums to 4, not unpart-accuracy=0.6000" in text
+    assert "unpart-class-correct does not match unpart-label-counts" in text

@@ -40,7 +40,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             cfg,
             pid,
             n,
-            lambda part: local_evaluate(cfg, arrays, pid, n, part),
+            lambda part: local_evaluate(cfg, arrays, pid, n, part, per_class=True),
             label_counts=split_label_counts(cfg, pid, n),  # per-client rows in results.json
         )
     else:

@@ -174,6 +174,11 @@ def test_participation_gap_smoke(tmp_path):
                 both = np.add(c["part_train_label_counts"], c["part_val_label_counts"])
                 assert both.tolist() == hist[pid].tolist()
                 assert c["part_val_num_examples"] == round(0.2 * hist[pid].sum())
+            for k in ("unpart",) if split else ("part_train", "part_val"):
+                hits, counts = np.array(c[f"{k}_class_correct"]), c[f"{k}_label_counts"]
+                assert np.all(hits <= counts) and hits.sum() == round(
+                    c[f"{k}_accuracy"] * sum(counts)
+                )
         val = [c["part_val_accuracy"] for c in rows if c["participating"]]
         assert r["client_part_val_accuracy_mean"] == pytest.approx(np.mean(val))
         w = [c["part_val_num_examples"] for c in rows if c["participating"]]
