@@ -351,3 +351,36 @@ def test_class_correct_is_checked_against_counts_and_accuracy():
     text = " ".join(strat.history[2]["gap_rejected"])
     assert "class-correct sums to 4, not unpart-accuracy=0.6000" in text
     assert "unpart-class-correct does not match unpart-label-counts" in text
+
+
+def test_gap_analysis_script_splits_label_mix_from_residual():
+    """docs/participation_gap_clients.py on hand-made rows: two classes with accuracy 1.0 and
+    0.5 for everyone (a label-based world): the gap is all label mix, the residual 0."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "participation_gap_clients.py"
+    spec = importlib.util.spec_from_file_location("gap_clients", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def client(part, counts):
+        hits = [counts[0], counts[1] // 2]
+        split = "part_val" if part else "unpart"
+        return {"participating": int(part), f"{split}_label_counts": counts,
+                f"{split}_class_correct": hits, f"{split}_num_examples": sum(counts),
+                f"{split}_accuracy": sum(hits) / sum(counts),
+                f"{split}_label_entropy": P.label_entropy(counts)}  # fmt: skip
+
+    rows = [client(1, [10, 10]), client(1, [20, 0]), client(0, [0, 20]), client(0, [10, 10])]
+    r = mod.analyse(rows, draws=2000, rng=np.random.default_rng(0))
+    # held-out accuracies 0.75, 1.0 | 0.5, 0.75: gap 0.875 - 0.625
+    assert r["gap"] == pytest.approx(0.25) and r["label-mix"] == pytest.approx(0.25)
+    assert r["residual"] == pytest.approx(0.0, abs=1e-12)
+    assert r["wgap"] == pytest.approx(35 / 40 - 25 / 40)
+    # 6 equally likely held-out pairs, gaps +-0.25 (4 of 6) and 0 (2): p = 4/6
+    assert r["perm p"] == pytest.approx(4 / 6, abs=0.03)
+    rows[2]["unpart_class_correct"] = [0, 0]  # the held-out client does worse within class
+    rows[2]["unpart_accuracy"] = 0.0
+    r = mod.analyse(rows, draws=10, rng=np.random.default_rng(0))
+    assert r["label-mix"] == pytest.approx(0.25) and r["residual"] == pytest.approx(0.25)
