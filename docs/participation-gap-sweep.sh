@@ -7,6 +7,7 @@
 #
 #   bash docs/participation-gap-sweep.sh                 # every group, seeds 0,1,2 (~15 min)
 #   SEEDS=3,4 bash docs/participation-gap-sweep.sh dir-low   # one group, other seeds
+#   CLIENTS=100 ALPHAS=0.5 bash docs/participation-gap-sweep.sh dir-low   # 100 clients, one alpha
 #
 # Groups: dir-low (Dirichlet alpha 0.1 and 0.5), dir-100 (alpha 100), iid-sem (IID, semantic).
 # Runs take 35-60 s each on 2 cores; on the shared build machine each group was run as its own
@@ -25,7 +26,7 @@ groups=("$@")
 [ ${#groups[@]} -eq 0 ] && groups=(dir-low dir-100 iid-sem)
 for g in "${groups[@]}"; do
   case "$g" in
-    dir-low) "$RUN" -m "${COMMON[@]}" partitioner=dirichlet ++run_config.alpha=0.1,0.5 ;;
+    dir-low) "$RUN" -m "${COMMON[@]}" partitioner=dirichlet ++run_config.alpha="${ALPHAS:-0.1,0.5}" ;;
     dir-100) "$RUN" -m "${COMMON[@]}" partitioner=dirichlet ++run_config.alpha=100 ;;
     iid-sem) "$RUN" -m "${COMMON[@]}" partitioner=iid,semantic ;;
     *) echo "unknown group $g (dir-low, dir-100, iid-sem)" >&2; exit 2 ;;
