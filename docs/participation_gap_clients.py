@@ -28,6 +28,13 @@ partition (mean ± std over seeds, with a 95 % t-interval):
     ``gap - label-mix``: the gap at equal label mix (class-conditional). On label-based
     partitions every client draws ``x`` from the same ``p(x | y)``, so this should be ~0; on
     semantic partitions clients differ in ``p(x | y)`` and it should be > 0.
+``corr``
+    the correlation over classes between ``acc_k`` and the class's share of the data the
+    participating clients trained on (> 0: the classes the held-out clients took away are the
+    ones the model gets wrong).
+``H part`` / ``H unpart``
+    mean label entropy (bits) of the participating clients' validation slices / of the
+    unparticipating clients' data.
 
 Usage::
 
@@ -100,6 +107,9 @@ def analyse(clients: list[dict], draws: int, rng: np.random.Generator) -> dict[s
         lc = np.array(c[f"{split}_label_counts"])
         return float(lc @ acc_k / lc.sum())
 
+    train = sum(np.array(c["part_train_label_counts"]) for c in part)
+    share = train / train.sum()  # each class's share of the data that was trained on
+    corr = float(np.corrcoef(acc_k, share)[0, 1]) if np.std(share) > 0 else 0.0
     e = np.array([expected(c) for c in clients])
     mix = e[~is_unpart].mean() - e[is_unpart].mean()
     entropy = {
@@ -113,6 +123,7 @@ def analyse(clients: list[dict], draws: int, rng: np.random.Generator) -> dict[s
         "perm p": p,
         "label-mix": mix,
         "residual": gap - mix,
+        "corr": corr,
         **entropy,
         "clients": n,
     }
@@ -141,7 +152,7 @@ def collect(folders: list[Path], draws: int, seed: int):
     return out
 
 
-COLS = ("gap", "wgap", "perm sd", "perm p", "label-mix", "residual", "H part", "H unpart")
+COLS = ("gap", "wgap", "perm sd", "perm p", "label-mix", "residual", "corr", "H part", "H unpart")
 
 
 def run_table(data) -> str:
