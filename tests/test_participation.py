@@ -367,16 +367,20 @@ def test_gap_analysis_script_splits_label_mix_from_residual():
     def client(part, counts):
         hits = [counts[0], counts[1] // 2]
         split = "part_val" if part else "unpart"
-        return {"participating": int(part), f"{split}_label_counts": counts,
-                f"{split}_class_correct": hits, f"{split}_num_examples": sum(counts),
-                f"{split}_accuracy": sum(hits) / sum(counts),
-                f"{split}_label_entropy": P.label_entropy(counts)}  # fmt: skip
+        row = {"participating": int(part), f"{split}_label_counts": counts,
+               f"{split}_class_correct": hits, f"{split}_num_examples": sum(counts),
+               f"{split}_accuracy": sum(hits) / sum(counts),
+               f"{split}_label_entropy": P.label_entropy(counts)}  # fmt: skip
+        if part:
+            row["part_train_label_counts"] = [4 * c for c in counts]
+        return row
 
     rows = [client(1, [10, 10]), client(1, [20, 0]), client(0, [0, 20]), client(0, [10, 10])]
     r = mod.analyse(rows, draws=2000, rng=np.random.default_rng(0))
     # held-out accuracies 0.75, 1.0 | 0.5, 0.75: gap 0.875 - 0.625
     assert r["gap"] == pytest.approx(0.25) and r["label-mix"] == pytest.approx(0.25)
     assert r["residual"] == pytest.approx(0.0, abs=1e-12)
+    assert r["corr"] == pytest.approx(1.0)  # trained shares 0.75 / 0.25, accuracy 1.0 / 0.5
     assert r["wgap"] == pytest.approx(35 / 40 - 25 / 40)
     # 6 equally likely held-out pairs, gaps +-0.25 (4 of 6) and 0 (2): p = 4/6
     assert r["perm p"] == pytest.approx(4 / 6, abs=0.03)
