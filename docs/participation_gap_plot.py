@@ -68,7 +68,7 @@ def collect(folders: list[Path]) -> dict[str, dict[str, list[float]]]:
                 if f"client_{key}" in row:
                     group[key].append(float(row[f"client_{key}"]))
             if "gap_clients" in row:
-                group["residual"].append(analyse(last_clients(res["rounds"]), 1, rng)["residual"])
+                group["residual"].append(analyse(last_clients(res["rounds"]), 2, rng)["residual"])
             group["commit"].append(res.get("git_commit", "?")[:7])
     return out
 
