@@ -113,6 +113,46 @@ def partition_tensors(
     )
 
 
+def split_label_counts(cfg, partition_id: int, num_partitions: int):
+    """``label_counts(part)`` for :func:`flowerbed.common.participation.evaluate_splits`: the
+    label histogram (one count per class) of this partition's ``part``, from
+    :func:`partition_tensors` (cached, so no second copy of the data)."""
+
+    def label_counts(part: str) -> list[int]:
+        _, y, num_classes = partition_tensors(cfg, partition_id, num_partitions, part)
+        return torch.bincount(y.long().flatten(), minlength=num_classes).tolist()
+
+    return label_counts
+
+
+def gap_evaluate(msg: Message, context: Context, cfg, model_fn) -> Message:
+    """The reply to a participation-gap evaluation (:mod:`flowerbed.common.participation`) for
+    an app whose data is :func:`partition_tensors` and whose model is ``model_fn()`` (a torch
+    classifier the received arrays load into): accuracy, loss, number of examples, label
+    histogram and correct examples per class of each split of this client (part-train /
+    part-val, or all of an unparticipating client's data)."""
+    from flowerbed.common.participation import evaluate_splits
+    from flowerbed.common.records import load_record, reply
+    from flowerbed.common.train import evaluate, get_device
+
+    pid, n = partition_of(context)
+    arrays = msg.content["arrays"]
+
+    def score(part: str) -> dict:
+        x, y, num_classes = partition_tensors(cfg, pid, n, part)
+        if len(x) == 0:
+            return {"num-examples": 0}
+        model = load_record(model_fn(), arrays)
+        dev = get_device(cfg["device"])
+        return {
+            **evaluate(model, x, y, device=dev, num_classes=num_classes),
+            "num-examples": len(x),
+        }
+
+    metrics = evaluate_splits(cfg, pid, n, score, label_counts=split_label_counts(cfg, pid, n))
+    return Message(content=reply(None, **metrics), reply_to=msg)
+
+
 def add_partition_query(app: ClientApp) -> None:
     """Register a ``query`` handler that answers with the node's partition id.
 

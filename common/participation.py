@@ -29,7 +29,7 @@ and each client's train/validation split of (run seed, partition id): never of s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import Any
 
@@ -143,25 +143,40 @@ def evaluate_splits(
     partition_id: int,
     num_partitions: int,
     score: Callable[[str], Mapping[str, float]],
-) -> dict[str, float | int]:
+    label_counts: Callable[[str], Sequence[int]] | None = None,
+) -> dict[str, float | int | list[int]]:
     """The metrics of a gap-evaluation reply.
 
     ``score(part)`` evaluates the received model on this client's ``part`` (``"train"``,
     ``"val"`` or ``"unpart"``, see :func:`split_of`) and returns ``{"accuracy": ..., "loss":
-    ..., "num-examples": n}``. A participating client answers ``part-train-*`` and
+    ..., "num-examples": n}`` and optionally ``"class-correct"`` (correct examples per class,
+    :func:`flowerbed.common.train.evaluate` with ``num_classes``: the per-class accuracy
+    the analysis of the gap uses). A participating client answers ``part-train-*`` and
     ``part-val-*``, an unparticipating one ``unpart-*``; both answer ``participating`` (1/0)
-    and ``num-examples``.
+    and ``num-examples`` (the total). Per split the reply also carries ``<split>-num-examples``
+    (for the example-weighted means and the per-client rows) and, when ``label_counts(part)``
+    is given (e.g. :func:`flowerbed.common.client.split_label_counts`), the split's label
+    histogram ``<split>-label-counts`` (a list of ints, one per class).
     """
     unpart = partition_id in unparticipating_partitions(
         num_partitions, float(cfg["unparticipating-fraction"]), int(cfg["seed"])
     )
-    out: dict[str, float | int] = {PARTICIPATING: 0 if unpart else 1}
+    out: dict[str, float | int | list[int]] = {PARTICIPATING: 0 if unpart else 1}
     parts = (("unpart", "unpart"),) if unpart else (("part-train", "train"), ("part-val", "val"))
     total = 0
     for name, part in parts:
         metrics = dict(score(part))
-        total += int(metrics.pop("num-examples", 0))
-        out.update({f"{name}-{k}": float(v) for k, v in metrics.items()})
+        n_part = int(metrics.pop("num-examples", 0))
+        total += n_part
+        out.update(
+            {
+                f"{name}-{k}": [int(c) for c in v] if isinstance(v, list | tuple) else float(v)
+                for k, v in metrics.items()
+            }
+        )
+        out[f"{name}-num-examples"] = n_part
+        if label_counts is not None:
+            out[f"{name}-label-counts"] = [int(c) for c in label_counts(part)]
     out["num-examples"] = max(total, 1)
     return out
 
@@ -193,7 +208,63 @@ def check_gap_reply(msg: Message, unpart_nodes: set[int], metric: str = "accurac
         v = m.get(f"{name}-{metric}")
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
             return f"metric {name}-{metric}={v!r} is missing or not finite"
+        n = m.get(f"{name}-num-examples")  # optional (replies of older ClientApps lack it)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            return f"{name}-num-examples={n!r} is not a positive int"
+        counts = m.get(f"{name}-label-counts")  # optional
+        if counts is not None:
+            if not isinstance(counts, list) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+            ):
+                return f"{name}-label-counts is not a list of non-negative ints"
+            if n is not None and sum(counts) != n:
+                return f"{name}-label-counts sum to {sum(counts)}, not {name}-num-examples={n}"
+        hits = m.get(f"{name}-class-correct")  # optional; needs the label counts
+        if hits is not None:
+            if counts is None or not isinstance(hits, list) or len(hits) != len(counts):
+                return f"{name}-class-correct does not match {name}-label-counts"
+            if not all(
+                isinstance(h, int) and 0 <= h <= c for h, c in zip(hits, counts, strict=True)
+            ):
+                return f"{name}-class-correct is not within 0..label count per class"
+            if metric == "accuracy" and abs(sum(hits) - v * sum(counts)) > 0.5:
+                return f"{name}-class-correct sums to {sum(hits)}, not {name}-{metric}={v:.4f}"
     return None
+
+
+def label_entropy(counts: Sequence[int]) -> float:
+    """Shannon entropy (bits) of a label histogram: 0 for one label, log2(k) for k equal ones."""
+    c = np.asarray(counts, dtype=float)
+    c = c[c > 0]
+    if c.size == 0:
+        return 0.0
+    p = c / c.sum()
+    return float(-(p * np.log2(p)).sum()) + 0.0
+
+
+def client_row(metrics: Mapping[str, Any], partition_id: int) -> dict[str, Any]:
+    """One evaluated client's row of ``gap_clients`` (``results.json``, per gap round).
+
+    ``partition_id`` (the server's map, not the client's word), ``participating`` (1/0) and,
+    per split it answered (``part_train``, ``part_val`` or ``unpart``): ``<split>_accuracy``,
+    ``<split>_loss``, ``<split>_num_examples`` and, when the ClientApp sends its label
+    histogram, ``<split>_label_counts`` and ``<split>_label_entropy`` (bits), and its
+    correct examples per class, ``<split>_class_correct``.
+    """
+    row: dict[str, Any] = {
+        "partition_id": int(partition_id),
+        PARTICIPATING: int(metrics[PARTICIPATING]),
+    }
+    for split in SPLITS:
+        prefix, key = f"{split}-", split.replace("-", "_")
+        for name, v in metrics.items():
+            if name.startswith(prefix):
+                row[f"{key}_{name[len(prefix) :].replace('-', '_')}"] = (
+                    [int(c) for c in v] if isinstance(v, list) else v
+                )
+        if f"{key}_label_counts" in row:
+            row[f"{key}_label_entropy"] = label_entropy(row[f"{key}_label_counts"])
+    return row
 
 
 def gap_summary(
@@ -207,6 +278,11 @@ def gap_summary(
     ``participation_gap_m = part_val_m_mean - unpart_m_mean`` and the percentiles of the
     per-client out-of-sample gap ``out_of_sample_gap_m_p10/p50/p90``; ``num_part_clients`` and
     ``num_unpart_clients``. A side with no client gives no entry for it.
+
+    When every reply of a split carries ``<split>-num-examples`` (ClientApps of this version),
+    the example-weighted means ``s_m_wmean`` (the authors' code logs both, ``avg`` and
+    ``wavg``) and the gaps between them, ``out_of_sample_gap_m_weighted`` and
+    ``participation_gap_m_weighted``, are added.
     """
     rows = list(rows)
     out: dict[str, float] = {
@@ -214,13 +290,18 @@ def gap_summary(
         "num_unpart_clients": sum(1 for r in rows if r.get(PARTICIPATING) == 0),
     }
     for m in metrics:
-        means = {}
+        means, wmeans = {}, {}
         for split in SPLITS:
-            vals = np.array([r[f"{split}-{m}"] for r in rows if f"{split}-{m}" in r], float)
+            have = [r for r in rows if f"{split}-{m}" in r]
+            vals = np.array([r[f"{split}-{m}"] for r in have], float)
             if len(vals) == 0:
                 continue
             key = split.replace("-", "_")
             means[split] = out[f"{key}_{m}_mean"] = float(vals.mean())
+            weights = [r.get(f"{split}-num-examples") for r in have]
+            if all(isinstance(w, int) and w > 0 for w in weights):
+                w = np.array(weights, float)
+                wmeans[split] = out[f"{key}_{m}_wmean"] = float((w * vals).sum() / w.sum())
             for q, v in zip(PERCENTILES, np.percentile(vals, PERCENTILES), strict=True):
                 out[f"{key}_{m}_p{q}"] = float(v)
         if "part-train" in means and "part-val" in means:
@@ -232,6 +313,10 @@ def gap_summary(
                 out[f"out_of_sample_gap_{m}_p{q}"] = float(v)
         if "part-val" in means and "unpart" in means:
             out[f"participation_gap_{m}"] = means["part-val"] - means["unpart"]
+        if "part-train" in wmeans and "part-val" in wmeans:
+            out[f"out_of_sample_gap_{m}_weighted"] = wmeans["part-train"] - wmeans["part-val"]
+        if "part-val" in wmeans and "unpart" in wmeans:
+            out[f"participation_gap_{m}_weighted"] = wmeans["part-val"] - wmeans["unpart"]
     return out
 
 
@@ -270,8 +355,11 @@ class Participation(Strategy):
 
     The node -> partition map comes from the ClientApps' ``query`` handler
     (:func:`flowerbed.common.client.add_partition_query`), asked once. Per round,
-    :attr:`history` has ``unparticipating_partitions``, ``num_gap_replies`` and the rejected
-    replies with their reasons (``gap_rejected``).
+    :attr:`history` has ``unparticipating_partitions``, ``num_gap_replies``, the rejected
+    replies with their reasons (``gap_rejected``) and, in gap-evaluation rounds, one row per
+    accepted reply (``gap_clients``, :func:`client_row`: partition id, role, per split the
+    metrics, number of examples and label histogram), which ``run_strategy`` writes into
+    the round's row of ``results.json``.
     """
 
     def __init__(
@@ -360,16 +448,19 @@ class Participation(Strategy):
         """The gap metrics (:func:`gap_summary`) over the valid replies; rejected ones are
         counted with their reasons and left out."""
         unpart_nodes = {n for n, p in self._pids.items() if p in set(self._unpart_pids)}
-        rows, rejected = [], []
+        rows, rejected, clients = [], [], []
         for msg in replies:
             why = check_gap_reply(msg, unpart_nodes, self.metric)
             if why is None:
                 rows.append(dict(next(iter(msg.content.metric_records.values()))))
+                pid = self._pids.get(msg.metadata.src_node_id, -1)
+                clients.append(client_row(rows[-1], pid))
             else:
                 rejected.append(f"node {msg.metadata.src_node_id}: {why}")
                 log(WARNING, "round %d: gap reply rejected: %s", server_round, why)
         row = self._history.setdefault(server_round, {})
         row["num_gap_replies"] = len(rows)
+        row["gap_clients"] = sorted(clients, key=lambda c: c["partition_id"])
         if rejected:
             row["gap_rejected"] = rejected
         return MetricRecord(gap_summary(rows)) if rows else None

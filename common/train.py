@@ -115,15 +115,25 @@ def evaluate(
     y: torch.Tensor,
     batch_size: int = 1024,
     device: torch.device | None = None,
-) -> dict[str, float]:
-    """Cross-entropy loss and accuracy of ``model`` on ``(x, y)``."""
+    num_classes: int = 0,
+) -> dict[str, float | list[int]]:
+    """Cross-entropy loss and accuracy of ``model`` on ``(x, y)``; with ``num_classes > 0``
+    also ``class-correct``, the number of correctly classified examples of each class (the
+    per-client rows of the participation-gap evaluation)."""
     device = device or get_device()
     model.to(device).eval()
     loss_sum, correct = 0.0, 0
+    per_class = torch.zeros(max(num_classes, 1), dtype=torch.long)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
         out = model(xb)
         loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
+        hit = out.argmax(1) == yb
+        correct += int(hit.sum())
+        if num_classes:
+            per_class += torch.bincount(yb[hit].long().cpu(), minlength=num_classes)
     n = max(len(x), 1)
-    return {"loss": loss_sum / n, "accuracy": correct / n}
+    res: dict[str, float | list[int]] = {"loss": loss_sum / n, "accuracy": correct / n}
+    if num_classes:
+        res["class-correct"] = per_class.tolist()
+    return res

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +27,8 @@ COLUMNS = (
     ("out_of_sample_gap_accuracy", "out-of-sample gap"),
     ("participation_gap_accuracy", "participation gap"),
 )
+#: example-weighted gap, shown in the table only (runs with per-client rows)
+WEIGHTED = ("participation_gap_accuracy_weighted", "participation gap (weighted)")
 
 
 def partition_name(config: dict) -> str:
@@ -43,30 +46,58 @@ def last_gap_row(rounds: list[dict]) -> dict:
 
 
 def collect(folders: list[Path]) -> dict[str, dict[str, list[float]]]:
-    """Per partition, per column: the values of every seed."""
+    """Per partition, per column: the values of every seed (finished runs only); with the
+    per-client rows, also the gap left at equal label mix (``residual``, see
+    ``participation_gap_clients.py``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from participation_gap_clients import analyse, last_clients
+
+    rng = np.random.default_rng(0)
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for folder in folders:
         for path in sorted(folder.glob("*/results.json")):
             res = json.loads(path.read_text())
+            if "final" not in res.get("extra", {}):
+                continue  # still running
             row = last_gap_row(res["rounds"])
-            group = out[partition_name(res["config"])]
-            for key, _ in COLUMNS:
-                group[key].append(float(row[f"client_{key}"]))
+            name = partition_name(res["config"])
+            if row["client_num_part_clients"] + row["client_num_unpart_clients"] != 20:
+                name += f" /{row['client_num_part_clients'] + row['client_num_unpart_clients']}"
+            group = out[name]
+            for key, _ in (*COLUMNS, WEIGHTED):
+                if f"client_{key}" in row:
+                    group[key].append(float(row[f"client_{key}"]))
+            if "gap_clients" in row:
+                group["residual"].append(analyse(last_clients(res["rounds"]), 2, rng)["residual"])
             group["commit"].append(res.get("git_commit", "?")[:7])
     return out
 
 
 def table(data: dict[str, dict[str, list[float]]]) -> str:
-    """Markdown table: mean ± std over seeds (sample std, ddof=1, as in the runner's summary.md)."""
-    head = "| partition | " + " | ".join(c for _, c in COLUMNS) + " | seeds | commit |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    """Markdown table: mean ± std over seeds (sample std, ddof=1, as in the runner's
+    summary.md), the 95 % t-interval of the participation gap over seeds, the weighted gap and
+    the gap at equal label mix where the runs have per-client rows."""
+    from scipy import stats
+
+    cols = [*COLUMNS, WEIGHTED, ("residual", "gap at equal label mix")]
+    head = "| partition | " + " | ".join(c for _, c in cols) + " | gap 95% CI | seeds | commit |"
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
+
+    def cell(v):
+        if len(v) < 2:
+            return f"{np.mean(v):.4f}" if v else "-"
+        return f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
+
     for name in sorted(data):
         g = data[name]
-        cells = [f"{np.mean(g[k]):.4f} ± {np.std(g[k], ddof=1):.4f}" for k, _ in COLUMNS]
+        cells = [cell(g.get(k, [])) for k, _ in cols]
+        gap = np.array(g["participation_gap_accuracy"])
+        ci = "-"
+        if len(gap) > 1:
+            half = stats.t.ppf(0.975, len(gap) - 1) * gap.std(ddof=1) / np.sqrt(len(gap))
+            ci = f"[{gap.mean() - half:+.3f}, {gap.mean() + half:+.3f}]"
         commits = ",".join(sorted(set(g["commit"])))
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {len(g[COLUMNS[0][0]])} | {commits} |"
-        )
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ci} | {len(gap)} | {commits} |")
     return "\n".join(lines)
 
 
@@ -79,17 +110,21 @@ def plot(data: dict[str, dict[str, list[float]]], out: Path) -> None:
 
     names = sorted(data)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for j, (key, label) in enumerate(COLUMNS[2:]):
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    bars = [*COLUMNS[2:], ("residual", "participation gap at equal label mix")]
+    bars = [(k, lab) for k, lab in bars if all(data[n].get(k) for n in names)]
+    width = 0.8 / len(bars)
+    for j, (key, label) in enumerate(bars):
+        off = (j - (len(bars) - 1) / 2) * width
         means = [np.mean(data[n][key]) for n in names]
-        ax.bar(x + (j - 0.5) * 0.38, means, width=0.36, label=label)
+        ax.bar(x + off, means, width=width * 0.95, label=label)
         for i, n in enumerate(names):
-            ax.plot([x[i] + (j - 0.5) * 0.38] * len(data[n][key]), data[n][key], "k.", ms=4)
+            ax.plot([x[i] + off] * len(data[n][key]), data[n][key], "k.", ms=4)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(x, [n.replace(" ", "\n") for n in names])
     ax.set_ylabel("accuracy gap")
-    ax.set_title("FedAvg, Fashion-MNIST, 20 clients (4 never train), final round")
-    ax.legend()
+    ax.set_title("FedAvg, Fashion-MNIST, 20 clients (4 never train), final round; dots: seeds")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 

@@ -214,3 +214,177 @@ def test_wrapper_state_roundtrip_keeps_gap_rows_and_inner_state():
     fresh = P.Participation(FedAvg(), 0.2, seed=0)
     fresh.load_state_dict(state)
     assert fresh.history == strat.history and fresh.strategy.history == {1: {"num_failures": 0}}
+
+
+# ----------------------------------------------------------------------------- per-client rows
+def test_evaluate_splits_sends_split_sizes_and_label_counts():
+    cfg = {"unparticipating-fraction": 0.5, "val-fraction": 0.2, "seed": 0}
+    unpart = P.unparticipating_partitions(4, 0.5, 0)
+    part = next(i for i in range(4) if i not in unpart)
+    n = {"train": 8, "val": 2, "unpart": 10}
+    hist = {"train": [5, 3, 0], "val": [1, 1, 0], "unpart": [0, 0, 10]}
+
+    def score(p):
+        return {"accuracy": 0.5, "num-examples": n[p]}
+
+    out = P.evaluate_splits(cfg, part, 4, score, label_counts=lambda p: hist[p])
+    assert out["part-train-num-examples"] == 8 and out["part-val-num-examples"] == 2
+    assert out["part-train-label-counts"] == [5, 3, 0] and out["part-val-label-counts"] == [1, 1, 0]
+    assert out["num-examples"] == 10 and "unpart-label-counts" not in out
+    out = P.evaluate_splits(cfg, unpart[0], 4, score, label_counts=lambda p: hist[p])
+    assert out["unpart-num-examples"] == 10 and out["unpart-label-counts"] == [0, 0, 10]
+    assert "part-val-num-examples" not in P.evaluate_splits(cfg, unpart[0], 4, score)
+
+
+def test_weighted_means_and_gaps_by_hand():
+    rows = [
+        {"participating": 1, "part-train-accuracy": 1.0, "part-val-accuracy": 0.9,
+         "part-train-num-examples": 30, "part-val-num-examples": 10},
+        {"participating": 1, "part-train-accuracy": 0.5, "part-val-accuracy": 0.3,
+         "part-train-num-examples": 10, "part-val-num-examples": 30},
+        {"participating": 0, "unpart-accuracy": 0.8, "unpart-num-examples": 10},
+        {"participating": 0, "unpart-accuracy": 0.2, "unpart-num-examples": 40},
+    ]  # fmt: skip
+    s = P.gap_summary(rows, metrics=("accuracy",))
+    assert s["part_val_accuracy_mean"] == pytest.approx(0.6)  # unweighted: (0.9 + 0.3) / 2
+    assert s["part_val_accuracy_wmean"] == pytest.approx((9 + 9) / 40)  # 0.45
+    assert s["part_train_accuracy_wmean"] == pytest.approx((30 + 5) / 40)  # 0.875
+    assert s["unpart_accuracy_wmean"] == pytest.approx((8 + 8) / 50)  # 0.32
+    assert s["participation_gap_accuracy"] == pytest.approx(0.6 - 0.5)
+    assert s["participation_gap_accuracy_weighted"] == pytest.approx(0.45 - 0.32)
+    assert s["out_of_sample_gap_accuracy_weighted"] == pytest.approx(0.875 - 0.45)
+    del rows[3]["unpart-num-examples"]  # one reply without sizes: no weighted unpart mean
+    s = P.gap_summary(rows, metrics=("accuracy",))
+    assert "unpart_accuracy_wmean" not in s and "participation_gap_accuracy_weighted" not in s
+
+
+def test_client_row_and_label_entropy_by_hand():
+    assert P.label_entropy([5, 0, 0]) == 0.0
+    assert P.label_entropy([2, 2, 0, 0]) == pytest.approx(1.0)
+    assert P.label_entropy([1, 1, 1, 1]) == pytest.approx(2.0)
+    assert P.label_entropy([3, 1]) == pytest.approx(-(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25)))
+    reply = {"participating": 1, "part-train-accuracy": 0.9, "part-train-num-examples": 4,
+             "part-train-label-counts": [2, 2], "part-val-accuracy": 0.5,
+             "part-val-num-examples": 1, "part-val-label-counts": [1, 0], "num-examples": 5}  # fmt: skip
+    row = P.client_row(reply, 7)
+    assert row["partition_id"] == 7 and row["participating"] == 1
+    assert row["part_train_accuracy"] == 0.9 and row["part_val_num_examples"] == 1
+    assert row["part_train_label_entropy"] == pytest.approx(1.0)
+    assert row["part_val_label_entropy"] == 0.0 and row["part_val_label_counts"] == [1, 0]
+    assert not any(k.startswith("unpart") for k in row)
+
+
+def test_wrapper_writes_per_client_rows_and_rejects_bad_sizes():
+    from flowerbed.strategies.fedavg import FedAvg
+
+    grid = QueryGrid(list(range(1, 5)))
+    strat = P.Participation(FedAvg(), 0.5, seed=0)
+    list(strat.configure_train(1, _arrays(), ConfigRecord(), grid))
+    unpart = sorted(p + 1 for p in P.unparticipating_partitions(4, 0.5, 0))
+    part = sorted(set(range(1, 5)) - set(unpart))
+
+    def rep(node, **m):
+        return mock_reply(RecordDict({"metrics": MetricRecord(m)}), node, MessageType.EVALUATE)
+
+    good = {"part-train-accuracy": 0.9, "part-val-accuracy": 0.8, "part-train-num-examples": 4,
+            "part-val-num-examples": 2, "part-val-label-counts": [1, 1]}  # fmt: skip
+    replies = [
+        rep(part[0], participating=1, **good),
+        rep(part[1], participating=1, **{**good, "part-val-label-counts": [1, 2]}),  # sum 3 != 2
+        rep(unpart[0], participating=0, **{"unpart-accuracy": 0.4, "unpart-num-examples": 0}),
+        rep(unpart[1], participating=0, **{"unpart-accuracy": 0.6, "unpart-num-examples": 5}),
+    ]
+    out = strat.aggregate_evaluate(1, replies)
+    row = strat.history[1]
+    text = " ".join(row["gap_rejected"])
+    assert "part-val-label-counts sum to 3, not part-val-num-examples=2" in text
+    assert "unpart-num-examples=0 is not a positive int" in text
+    clients = row["gap_clients"]
+    assert [c["partition_id"] for c in clients] == sorted([part[0] - 1, unpart[1] - 1])
+    by_pid = {c["partition_id"]: c for c in clients}
+    assert by_pid[part[0] - 1]["part_val_label_counts"] == [1, 1]
+    assert by_pid[part[0] - 1]["part_val_label_entropy"] == pytest.approx(1.0)
+    assert by_pid[unpart[1] - 1] == {
+        "partition_id": unpart[1] - 1, "participating": 0, "unpart_accuracy": 0.6,
+        "unpart_num_examples": 5,
+    }  # fmt: skip
+    assert out["participation_gap_accuracy"] == pytest.approx(0.8 - 0.6)
+    assert out["participation_gap_accuracy_weighted"] == pytest.approx(0.8 - 0.6)
+
+
+def test_evaluate_counts_correct_examples_per_class():
+    import torch
+
+    from flowerbed.common.train import evaluate
+
+    class Fixed(torch.nn.Module):  # predicts class 1 for every input
+        def forward(self, x):
+            return torch.tensor([[0.0, 1.0, 0.0]]).repeat(len(x), 1)
+
+    x, y = torch.zeros(5, 2), torch.tensor([0, 1, 1, 2, 1])
+    out = evaluate(Fixed(), x, y, device=torch.device("cpu"), num_classes=3)
+    assert out["class-correct"] == [0, 3, 0] and out["accuracy"] == pytest.approx(0.6)
+    assert "class-correct" not in evaluate(Fixed(), x, y, device=torch.device("cpu"))
+    cfg = {"unparticipating-fraction": 0.5, "val-fraction": 0.2, "seed": 0}
+    unpart = P.unparticipating_partitions(4, 0.5, 0)[0]
+    reply = P.evaluate_splits(cfg, unpart, 4, lambda p: {**out, "num-examples": 5})
+    assert reply["unpart-class-correct"] == [0, 3, 0]  # lists pass through as ints
+
+
+def test_class_correct_is_checked_against_counts_and_accuracy():
+    from flowerbed.strategies.fedavg import FedAvg
+
+    grid = QueryGrid(list(range(1, 5)))
+    strat = P.Participation(FedAvg(), 0.5, seed=0)
+    list(strat.configure_train(1, _arrays(), ConfigRecord(), grid))
+    unpart = sorted(p + 1 for p in P.unparticipating_partitions(4, 0.5, 0))
+
+    def rep(node, hits, acc=0.6):
+        m = {"participating": 0, "unpart-accuracy": acc, "unpart-num-examples": 5,
+             "unpart-label-counts": [1, 3, 1], "unpart-class-correct": hits}  # fmt: skip
+        return mock_reply(RecordDict({"metrics": MetricRecord(m)}), node, MessageType.EVALUATE)
+
+    strat.aggregate_evaluate(1, [rep(unpart[0], [0, 3, 0]), rep(unpart[1], [0, 4, 0])])
+    assert "not within 0..label count" in " ".join(strat.history[1]["gap_rejected"])
+    assert strat.history[1]["gap_clients"][0]["unpart_class_correct"] == [0, 3, 0]
+    strat.aggregate_evaluate(2, [rep(unpart[0], [1, 3, 0]), rep(unpart[1], [0, 3])])
+    text = " ".join(strat.history[2]["gap_rejected"])
+    assert "class-correct sums to 4, not unpart-accuracy=0.6000" in text
+    assert "unpart-class-correct does not match unpart-label-counts" in text
+
+
+def test_gap_analysis_script_splits_label_mix_from_residual():
+    """docs/participation_gap_clients.py on hand-made rows: two classes with accuracy 1.0 and
+    0.5 for everyone (a label-based world): the gap is all label mix, the residual 0."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "participation_gap_clients.py"
+    spec = importlib.util.spec_from_file_location("gap_clients", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def client(part, counts):
+        hits = [counts[0], counts[1] // 2]
+        split = "part_val" if part else "unpart"
+        row = {"participating": int(part), f"{split}_label_counts": counts,
+               f"{split}_class_correct": hits, f"{split}_num_examples": sum(counts),
+               f"{split}_accuracy": sum(hits) / sum(counts),
+               f"{split}_label_entropy": P.label_entropy(counts)}  # fmt: skip
+        if part:
+            row["part_train_label_counts"] = [4 * c for c in counts]
+        return row
+
+    rows = [client(1, [10, 10]), client(1, [20, 0]), client(0, [0, 20]), client(0, [10, 10])]
+    r = mod.analyse(rows, draws=2000, rng=np.random.default_rng(0))
+    # held-out accuracies 0.75, 1.0 | 0.5, 0.75: gap 0.875 - 0.625
+    assert r["gap"] == pytest.approx(0.25) and r["label-mix"] == pytest.approx(0.25)
+    assert r["residual"] == pytest.approx(0.0, abs=1e-12)
+    assert r["corr"] == pytest.approx(1.0)  # trained shares 0.75 / 0.25, accuracy 1.0 / 0.5
+    assert r["wgap"] == pytest.approx(35 / 40 - 25 / 40)
+    # 6 equally likely held-out pairs, gaps +-0.25 (4 of 6) and 0 (2): p = 4/6
+    assert r["perm p"] == pytest.approx(4 / 6, abs=0.03)
+    rows[2]["unpart_class_correct"] = [0, 0]  # the held-out client does worse within class
+    rows[2]["unpart_accuracy"] = 0.0
+    r = mod.analyse(rows, draws=10, rng=np.random.default_rng(0))
+    assert r["label-mix"] == pytest.approx(0.25) and r["residual"] == pytest.approx(0.25)

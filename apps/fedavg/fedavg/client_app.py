@@ -5,7 +5,7 @@ from flwr.clientapp import ClientApp
 
 from fedavg.secagg import is_legacy, legacy_train, secagg_switch
 from fedavg.task import local_evaluate, parse_config
-from flowerbed.common.client import add_partition_query, partition_of
+from flowerbed.common.client import add_partition_query, partition_of, split_label_counts
 from flowerbed.common.faults import maybe_inject
 from flowerbed.common.participation import check_may_train, evaluate_splits, is_gap_evaluation
 from flowerbed.common.records import reply
@@ -37,7 +37,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     arrays = msg.content["arrays"]
     if is_gap_evaluation(msg):  # participation gap: part-train / part-val or unpart
         metrics = evaluate_splits(
-            cfg, pid, n, lambda part: local_evaluate(cfg, arrays, pid, n, part)
+            cfg,
+            pid,
+            n,
+            lambda part: local_evaluate(cfg, arrays, pid, n, part, per_class=True),
+            label_counts=split_label_counts(cfg, pid, n),  # per-client rows in results.json
         )
     else:
         metrics = local_evaluate(cfg, arrays, pid, n)

@@ -140,14 +140,17 @@ def client_train(msg, context, cfg: dict[str, Any]):
 
 
 def local_evaluate(
-    cfg, arrays, partition_id, num_partitions, part: str = "train"
-) -> dict[str, float]:
-    """The model ``arrays`` on this partition's ``part`` (:func:`partition_tensors`)."""
+    cfg, arrays, partition_id, num_partitions, part: str = "train", per_class: bool = False
+) -> dict[str, Any]:
+    """The model ``arrays`` on this partition's ``part`` (:func:`partition_tensors`);
+    ``per_class``: also the correct examples per class (participation-gap rows)."""
     x, y, num_classes = partition_tensors(cfg, partition_id, num_partitions, part)
     if len(x) == 0:
         return {"num-examples": 0}
     model = load_record(make_model(cfg, x.shape[1:], num_classes), arrays)
-    return {**evaluate(model, x, y, device=get_device(cfg["device"])), "num-examples": len(x)}
+    device = get_device(cfg["device"])
+    metrics = evaluate(model, x, y, device=device, num_classes=num_classes if per_class else 0)
+    return {**metrics, "num-examples": len(x)}
 
 
 def central_evaluator(cfg: dict[str, Any]):

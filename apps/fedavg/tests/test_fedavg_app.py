@@ -160,6 +160,29 @@ def test_participation_gap_smoke(tmp_path):
         assert r["client_out_of_sample_gap_accuracy"] == pytest.approx(oos)
         p = [r[f"client_part_val_accuracy_p{q}"] for q in (10, 50, 90)]
         assert p == sorted(p) and 0 <= p[0] <= p[2] <= 1
+        # per-client rows: one per client, the server's partition ids, label histograms that
+        # match the partitioning, and means that reproduce the summary columns
+        rows = r["gap_clients"]
+        assert [c["partition_id"] for c in rows] == list(range(5))
+        assert [c["participating"] for c in rows] == [int(i not in unpart) for i in range(5)]
+        hist = np.array(rec["extra"]["label_histograms"])
+        for c in rows:
+            pid, split = c["partition_id"], "unpart" if c["partition_id"] in unpart else None
+            if split:
+                assert c["unpart_label_counts"] == hist[pid].tolist()
+            else:
+                both = np.add(c["part_train_label_counts"], c["part_val_label_counts"])
+                assert both.tolist() == hist[pid].tolist()
+                assert c["part_val_num_examples"] == round(0.2 * hist[pid].sum())
+            for k in ("unpart",) if split else ("part_train", "part_val"):
+                hits, counts = np.array(c[f"{k}_class_correct"]), c[f"{k}_label_counts"]
+                assert np.all(hits <= counts) and hits.sum() == round(
+                    c[f"{k}_accuracy"] * sum(counts)
+                )
+        val = [c["part_val_accuracy"] for c in rows if c["participating"]]
+        assert r["client_part_val_accuracy_mean"] == pytest.approx(np.mean(val))
+        w = [c["part_val_num_examples"] for c in rows if c["participating"]]
+        assert r["client_part_val_accuracy_wmean"] == pytest.approx(np.average(val, weights=w))
     final = rec["extra"]["final"]
     assert final["part_train_accuracy_mean"] > 0.3  # 2 rounds on digits: above chance (0.1)
     assert "participation_gap_accuracy" in final and "out_of_sample_gap_accuracy" in final

@@ -27,6 +27,7 @@ from flowerbed.common.train import evaluate, get_device
 SCHEMA: dict[str, C.Option] = C.compose(
     *C.STANDARD,
     C.ATTACK,
+    C.PARTICIPATION,  # participation-gap evaluation (issue 16), off by default
     {
         "method": C.Option("fedidm"),  # choices from the method table (fedidm.methods)
         "model": C.Option("mlp", choices=MODELS),

@@ -172,3 +172,26 @@ def test_fedidm_at_30_percent_stays_near_its_no_attack_accuracy(
     acc = json.loads((tmp_path / "results.json").read_text())["extra"]["final"]["accuracy"]
     print(f"fedidm {attack} 30 %: {acc:.4f}, no attack {no_attack_accuracy:.4f}")
     assert acc > no_attack_accuracy - 0.03, (acc, no_attack_accuracy)
+
+
+def test_participation_gap_smoke(tmp_path):
+    """Participation-gap evaluation on (issue 16) under FedIDM: 1 of 5 clients never trains
+    (its train call would raise, a failure), every client answers the gap evaluation, and the
+    gap columns and the per-client rows are in results.json."""
+    from flowerbed.common.participation import unparticipating_partitions
+
+    rec = _run(tmp_path, "gap", **{"num-server-rounds": 2, "unparticipating-fraction": 0.2})
+    unpart = unparticipating_partitions(5, 0.2, TINY.get("seed", 42))
+    assert len(unpart) == 1
+    for r in rec["rounds"][1:]:
+        assert r["phases"]["train"]["num_sent"] == 4 and r["num_failures"] == 0
+        assert r["unparticipating_partitions"] == unpart and r["num_gap_replies"] == 5
+        rows = r["gap_clients"]
+        assert [c["participating"] for c in rows] == [int(i not in unpart) for i in range(5)]
+        val = [c["part_val_accuracy"] for c in rows if c["participating"]]
+        assert r["client_part_val_accuracy_mean"] == pytest.approx(np.mean(val))
+        gap = r["client_part_val_accuracy_mean"] - r["client_unpart_accuracy_mean"]
+        assert r["client_participation_gap_accuracy"] == pytest.approx(gap)
+    final = rec["extra"]["final"]
+    assert final["part_train_accuracy_mean"] > 0.3 and "participation_gap_accuracy" in final
+    assert "accuracy" in final and "acc_std_last10" in final  # the app's own columns stay

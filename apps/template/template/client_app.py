@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from flowerbed.common.client import add_partition_query, partition_of
+from flowerbed.common.client import add_partition_query, partition_of, split_label_counts
 from flowerbed.common.participation import check_may_train, evaluate_splits
 from flowerbed.common.records import reply
 from flowerbed.common.threads import fit_threads
@@ -29,5 +29,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = parse_config(context.run_config)
     pid, n = partition_of(context)
     arrays = msg.content["arrays"]
-    metrics = evaluate_splits(cfg, pid, n, lambda part: local_evaluate(cfg, arrays, pid, n, part))
+
+    def score(part: str) -> dict:
+        return local_evaluate(cfg, arrays, pid, n, part)
+
+    metrics = evaluate_splits(cfg, pid, n, score, label_counts=split_label_counts(cfg, pid, n))
     return Message(content=reply(None, **metrics), reply_to=msg)

@@ -104,8 +104,9 @@ def central_fit(cfg, num_partitions: int):
 def local_evaluate(cfg, arrays, partition_id: int, num_partitions: int, part: str):
     """The model ``arrays`` on this partition's ``part`` (participation gap: ``train``,
     ``val`` or ``unpart``, :func:`flowerbed.common.client.partition_tensors`)."""
-    x, y, _ = partition_tensors(cfg, partition_id, num_partitions, part)
+    x, y, num_classes = partition_tensors(cfg, partition_id, num_partitions, part)
     if len(x) == 0:
         return {"num-examples": 0}
     model = load_record(make_model(cfg), arrays)
-    return {**evaluate(model, x, y, device=get_device(cfg["device"])), "num-examples": len(x)}
+    device = get_device(cfg["device"])  # class-correct: per-class hits for the gap rows
+    return {**evaluate(model, x, y, device=device, num_classes=num_classes), "num-examples": len(x)}
