@@ -6,7 +6,7 @@ of ``pyproject.toml`` with ``--set`` overrides), then prints the table: mean +/-
 seeds of the held-out accuracy per domain before (round 0) and after the last round, the format
 rate, the mean error of the received rewards, and the bytes per prompt (FedGRPO: upstream, per
 prompt; FedAvg-SFT: one client's adapter upload per round). ``--limit n`` stops after ``n`` new
-runs (the machine's slots: call it again to resume); ``--report`` only prints the table.
+runs (the machine's slots: call it again to resume; a run stopped early is run again); ``--report`` only prints the table.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def run_cell(out: Path, method: str, seed: int, overrides: dict, nodes: int) -> 
 
     folder = cell_dir(out, method, seed)
     res = folder / "results.json"
-    if not res.exists():
+    if not _has(out, method, seed):
         run_local(
             "fedgrpo",
             {**overrides, "method": method, "seed": seed, "results-dir": str(folder)},
@@ -82,8 +82,8 @@ def table(out: Path, methods, seeds) -> str:
     for method in methods:
         finals = []
         for s in seeds:
-            res = cell_dir(out, method, s) / "results.json"
-            if res.exists():
+            if _has(out, method, s):
+                res = cell_dir(out, method, s) / "results.json"
                 finals.append(derived(json.loads(res.read_text())))
         if not finals:
             continue
@@ -98,7 +98,9 @@ def table(out: Path, methods, seeds) -> str:
 
 
 def _has(out, method, seed) -> bool:
-    return (cell_dir(out, method, seed) / "results.json").exists()
+    """A finished run (a run stopped early leaves a ``results.json`` without ``final``)."""
+    res = cell_dir(out, method, seed) / "results.json"
+    return res.exists() and "final" in json.loads(res.read_text())["extra"]
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -154,7 +154,9 @@ def test_warmup_trains_the_adapter_on_the_auxiliary_set_only(monkeypatch):
     assert all(np.array_equal(c.arrays()[k].numpy(), init[k].numpy()) for k in init)
     # the data: the server's auxiliary questions with their answers, never a client's examples
     seen = []
-    monkeypatch.setattr(task, "sft_steps", lambda cfg, model, data, steps, rng: seen.append(data))
+    monkeypatch.setattr(
+        task, "sft_steps", lambda cfg, model, data, steps, rng: seen.append(data) or [0.0]
+    )
     task.warmup(cfg, c, log=lambda _: None)
     aux = task.aux_set(cfg["aux-per-domain"])
     assert [q for q, _ in seen[0]] == aux.questions
