@@ -16,19 +16,16 @@ import json
 import time
 
 import numpy as np
+from flwr.common.config import parse_config_args
 
 from fedgrpo import domains as D
 from fedgrpo import task
 from flowerbed.common.seeding import derive_seed
 
 
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
+def overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs (TOML values, strings quoted) as Flower's ``--run-config`` parses them."""
+    return parse_config_args([" ".join(pairs)]) if pairs else {}
 
 
 def signal(cfg, questions: list[str], completions: list[list[str]]) -> dict:
@@ -54,14 +51,16 @@ def signal(cfg, questions: list[str], completions: list[list[str]]) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--set", nargs="*", default=[], help="run-config overrides key=value")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help='run-config overrides key=value ("x" for strings)'
+    )
     ap.add_argument("--prompts", type=int, default=6, help="training prompts to sample")
     ap.add_argument("--eval", type=int, default=0, help="greedy test questions per domain")
     ap.add_argument("--show", type=int, default=2, help="completions to print")
     ap.add_argument("--out", default="", help="also write the JSON line here")
     args = ap.parse_args(argv)
-    over = dict(kv.split("=", 1) for kv in args.set)
-    cfg = task.parse_config({k: _value(v) for k, v in over.items()})
+    over = overrides(args.set)
+    cfg = task.parse_config(over)
     t0 = time.perf_counter()
     policy = task.LoraPolicy(cfg)
     task.warmup(cfg, policy)

@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from fedgrpo.measure import _value
+from fedgrpo.measure import overrides as parse_overrides
 from flowerbed.simulation.table import mean_std
 
 METHODS = ("fedgrpo-graph", "fedgrpo-random", "grpo-central", "fedavg-sft")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--report", action="store_true", help="only print the table")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = parse_overrides(args.set)
     done = 0
     for seed in args.seeds:
         for method in args.methods:

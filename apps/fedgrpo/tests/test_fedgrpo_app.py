@@ -239,7 +239,7 @@ def test_flwr_run_end_to_end(tmp_path):
 def test_table_command_runs_missing_cells_and_resumes(tmp_path, capsys):
     from fedgrpo import table
 
-    sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TINY.items()]
+    sets = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]  # TOML values
     args = ["--out", str(tmp_path), "--methods", "fedgrpo-graph", "--seeds", "3", "--nodes", "3"]
     text = table.main([*args, "--set", *sets, "num-server-rounds=1", "num-experts=1"])
     res = tmp_path / "fedgrpo-graph" / "seed3" / "results.json"
