@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--limit", type=int, default=0, help="stop after this many new runs")
     ap.add_argument("--report", action="store_true", help="only print the table")
     args = ap.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # a relative results-dir would be placed under outputs/
     overrides = parse_overrides(args.set)
     done = 0
     for seed in args.seeds:
