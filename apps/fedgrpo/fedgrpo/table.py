@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from fedgrpo.measure import overrides as parse_overrides
+from fedgrpo.methods import METHODS as TABLE
 from flowerbed.simulation.table import mean_std
 
-METHODS = ("fedgrpo-graph", "fedgrpo-random", "grpo-central", "fedavg-sft")
+METHODS = TABLE.names  # the rows, in the method table's order
 COLUMNS = (
     ("acc before", "before_accuracy"),
     ("acc after", "accuracy"),
@@ -62,9 +63,10 @@ def derived(rec: dict) -> dict:
         vals = [r[key] for r in rounds if isinstance(r.get(key), int | float)]
         if vals:
             final[name] = sum(vals) / len(vals)
-    if rec["config"]["method"] == "fedavg-sft":
-        replies = sum(r["phases"]["train"]["num_replies"] for r in rounds if "train" in r["phases"])
-        final["bytes_up_per_client_round"] = final.get("bytes_received", 0) / max(replies, 1)
+    phases = [r.get("phases", {}) for r in rounds]
+    replies = sum(p["train"]["num_replies"] for p in phases if "train" in p)
+    if replies:  # FedAvg rounds: every reply uploads the adapter
+        final["bytes_up_per_client_round"] = final.get("bytes_received", 0) / replies
     return final
 
 
