@@ -24,8 +24,9 @@ from flowerbed.common.seeding import derive_seed
 
 
 def overrides(pairs: list[str]) -> dict:
-    """``key=value`` pairs (TOML values, strings quoted) as Flower's ``--run-config`` parses them."""
-    return parse_config_args([" ".join(pairs)]) if pairs else {}
+    """``key=value`` pairs (TOML values, strings quoted) as Flower's ``--run-config`` parses them;
+    a key given twice keeps its last value."""
+    return {k: v for pair in pairs for k, v in parse_config_args([pair]).items()}
 
 
 def signal(cfg, questions: list[str], completions: list[list[str]]) -> dict:

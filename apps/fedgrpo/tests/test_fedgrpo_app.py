@@ -163,6 +163,20 @@ def test_warmup_trains_the_adapter_on_the_auxiliary_set_only(monkeypatch):
     assert all(D.solve(q) == ans for q, ans in seen[0])
 
 
+def test_sft_steps_train_on_the_runs_prompt(monkeypatch):
+    cfg = task.parse_config({**TINY, "shots": 2})
+    policy, seen, real = task.LoraPolicy(cfg), [], task.completion_logp
+
+    def spy(model, prompts, completions, pad, device):
+        seen.append((prompts, completions))
+        return real(model, prompts, completions, pad, device)
+
+    monkeypatch.setattr(task, "completion_logp", spy)
+    task.sft_steps(cfg, policy.model, [("What is 2 + 3?", "5")], 1, np.random.default_rng(0))
+    c = task.codec("tiny")
+    assert seen == [([c.prompt("What is 2 + 3?", 2)], [c.encode("<answer>5</answer>") + [c.eos]])]
+
+
 def test_evaluator_skips_rounds_between_eval_every():
     cfg = task.parse_config({**TINY, "eval-every": 5, "num-server-rounds": 7, "eval-per-domain": 1})
     evaluate = task.evaluator(cfg, task.LoraPolicy(cfg))
@@ -241,7 +255,7 @@ def test_table_command_runs_missing_cells_and_resumes(tmp_path, capsys):
 
     sets = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]  # TOML values
     args = ["--out", str(tmp_path), "--methods", "fedgrpo-graph", "--seeds", "3", "--nodes", "3"]
-    text = table.main([*args, "--set", *sets, "num-server-rounds=1", "num-experts=1"])
+    text = table.main([*args, "--set", *sets, "num-server-rounds=1", "num-experts=1"])  # last wins
     res = tmp_path / "fedgrpo-graph" / "seed3" / "results.json"
     rec = json.loads(res.read_text())
     assert rec["config"]["seed"] == 3 and rec["config"]["num-server-rounds"] == 1
