@@ -5,7 +5,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedgrpo import domains as D
-from fedgrpo.task import LoraPolicy, aux_set, evaluator, parse_config, round_prompts
+from fedgrpo.task import LoraPolicy, aux_set, evaluator, parse_config, round_prompts, warmup
 from flowerbed.common.protocol import wait_for_nodes
 from flowerbed.common.results import ResultsWriter
 from flowerbed.common.server import finish, output_dir, run_method
@@ -20,6 +20,7 @@ def main(grid: Grid, context: Context) -> None:
     writer = ResultsWriter(output_dir(cfg["results-dir"], APP), cfg, app=APP)
     num_nodes = len(wait_for_nodes(grid))
     policy = LoraPolicy(cfg)
+    warm = warmup(cfg, policy)  # format warm-up on the server's auxiliary set (0 steps: none)
     strategy = cfg.method.strategy(
         cfg,
         policy=policy,
@@ -37,5 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     if per_prompt:
         final["bytes_up_per_prompt"] = sum(per_prompt) / len(per_prompt)
         final["floats_up_per_prompt"] = cfg["num-experts"] * cfg["group-size"]
+    if warm:
+        final.update(warmup_loss_first=warm[0], warmup_loss_last=warm[-1])
     final.update(writer.record["extra"]["totals"])
     finish(writer, final, f"{APP} {cfg['method']}", "accuracy", strategy)

@@ -40,6 +40,8 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "group-size": C.Option(4, C.positive, "G: completions per expert > 0"),
         "prompts-per-round": C.Option(4, C.positive, "training prompts per round > 0"),
         "max-new-tokens": C.Option(24, C.positive, "tokens per completion > 0"),
+        "shots": C.Option(1, lambda v: 0 <= v <= len(DEMOS), "demonstrations in the prompt, 0..3"),
+        "warmup-steps": C.Option(0, C.non_negative, "server SFT steps on the auxiliary set >= 0"),
         "temperature": C.Option(1.0, C.positive, "sampling temperature > 0"),
         "top-p": C.Option(0.95, lambda v: 0 < v <= 1, "nucleus sampling in (0, 1]"),
         "lr": C.Option(1e-4, C.positive, "AdamW learning rate of the LoRA adapter > 0"),
@@ -52,6 +54,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "ood-error": C.Option(0.3, C.unit_interval, "a client's wrong-verdict rate off-domain"),
         "aux-per-domain": C.Option(10, C.positive, "auxiliary questions per domain > 0"),
         "eval-per-domain": C.Option(20, C.positive, "test questions per domain > 0"),
+        "eval-every": C.Option(1, C.positive, "evaluate every n rounds (and rounds 0, last) > 0"),
         "client-examples": C.Option(64, C.positive, "labelled examples per client > 0"),
         "sft-steps": C.Option(4, C.positive, "FedAvg-SFT: local steps per round > 0"),
         "batch-size": C.Option(8, C.positive, "FedAvg-SFT: examples per step > 0"),
@@ -65,6 +68,13 @@ SCHEMA: dict[str, C.Option] = C.compose(
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TEST_SEED, AUX_SEED = 0x7E57, 0xA0C5  # fixed: the same test and auxiliary sets in every run
 SYSTEM = "Reply with the final answer only, inside <answer></answer> tags."
+#: the prompt's demonstrations (``shots``): one per domain, outside every generator's range (so
+#: never a training, auxiliary or test question); the answer in the format the reward checks
+DEMOS = (
+    ("What is 6 + 7?", "13"),
+    ("How many grams are in 12 kilograms?", "12000"),
+    ("What day of the week is 20 days after Friday?", "Thursday"),
+)
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>/?+-:.\n"
 
 
@@ -158,12 +168,20 @@ class Codec:
     def vocab_size(self) -> int:
         return self.tok.vocab_size
 
-    def prompt(self, question: str) -> list[int]:
+    def prompt(self, question: str, shots: int = 0) -> list[int]:
+        """The prompt's token ids: the system instruction, the first ``shots`` of :data:`DEMOS`
+        as earlier turns (question, answer in tags), then ``question``."""
+        demos = DEMOS[:shots]
         if self.chat:
-            msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+            msgs = [{"role": "system", "content": SYSTEM}]
+            for q, a in demos:
+                msgs.append({"role": "user", "content": q})
+                msgs.append({"role": "assistant", "content": f"<answer>{a}</answer>"})
+            msgs.append({"role": "user", "content": question})
             ids = self.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return self.tok.encode(f"Q: {question}\nA:")
+        head = "".join(f"Q: {q}\nA: <answer>{a}</answer>\n" for q, a in demos)
+        return self.tok.encode(f"{head}Q: {question}\nA:")
 
     def encode(self, text: str) -> list[int]:
         if self.chat:
@@ -255,12 +273,15 @@ class LoraPolicy:
         self.opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
         self._ids: dict[tuple[str, str], list[int]] = {}
 
+    def prompt(self, question: str) -> list[int]:
+        return self.codec.prompt(question, self.cfg["shots"])
+
     @torch.no_grad()
     def sample(self, questions: Sequence[str], n: int, seed: int | None) -> list[list[list[int]]]:
         """``n`` completions (token ids, EOS included when generated) per question; greedy when
         ``seed`` is None."""
         self.model.eval()
-        prompts = [self.codec.prompt(q) for q in questions for _ in range(n)]
+        prompts = [self.prompt(q) for q in questions for _ in range(n)]
         ids, att, _, lp = _pad_batch(prompts, [[] for _ in prompts], self.codec.pad, self.device)
         ids, att = ids[:, :lp], att[:, :lp]
         kw = {"do_sample": False}
@@ -305,7 +326,7 @@ class LoraPolicy:
         for q, cs, a in zip(questions, completions, advantages, strict=True):
             for c, ai in zip(cs, a, strict=True):
                 ids = self._ids.get((q, c)) or self.codec.encode(c) + [self.codec.eos]
-                prompts.append(self.codec.prompt(q))
+                prompts.append(self.prompt(q))
                 comps.append(ids)
                 adv.append(float(ai))
                 trunc.append(self.codec.eos not in ids)
@@ -356,22 +377,19 @@ def score(cfg, pid: int, server_round: int, questions, completions, group_size: 
     return out
 
 
-def sft_step(cfg, pid: int, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
-    """FedAvg-SFT: ``sft-steps`` AdamW steps of next-token loss on the client's own examples
-    (target ``<answer>X</answer>`` + EOS), batches drawn from (seed, pid, round)."""
-    model = _client_model(cfg)
-    load_lora(model, arrays)
+def sft_steps(cfg, model, data, steps: int, rng: np.random.Generator) -> list[float]:
+    """``steps`` AdamW steps (a fresh optimiser, lr ``lr``) of next-token loss on the LoRA
+    adapter: batches of ``batch-size`` of the (question, answer) pairs ``data``, drawn by ``rng``,
+    target ``<answer>X</answer>`` + EOS after the prompt. Returns the losses."""
     c = codec(cfg["model"])
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    data = client_items(cfg, pid)
-    rng = np.random.default_rng(derive_seed(cfg["seed"], pid, server_round, 0x5F))
     dev = get_device(cfg["device"])
     model.train()
     losses = []
-    for _ in range(cfg["sft-steps"]):
+    for _ in range(steps):
         idx = rng.choice(len(data), size=min(cfg["batch-size"], len(data)), replace=False)
-        prompts = [c.prompt(data[i][0]) for i in idx]
+        prompts = [c.prompt(data[i][0], cfg["shots"]) for i in idx]
         comps = [c.encode(f"<answer>{data[i][1]}</answer>") + [c.eos] for i in idx]
         logp, mask = completion_logp(model, prompts, comps, c.pad, dev)
         loss = -(logp * mask).sum() / mask.sum()
@@ -381,6 +399,35 @@ def sft_step(cfg, pid: int, server_round: int, arrays: ArrayRecord) -> tuple[Arr
         opt.step()
         losses.append(float(loss.item()))
     model.eval()
+    return losses
+
+
+def warmup(cfg, policy: LoraPolicy, log=print) -> list[float]:
+    """RECONSTRUCTION (format warm-up): ``warmup-steps`` SFT steps of the server's policy on the
+    server's own auxiliary set (question, correct answer), before the first round; never on a
+    client's data. Batches from ``derive_seed(seed, 0x3A)``."""
+    steps = cfg["warmup-steps"]
+    if steps == 0:
+        return []
+    aux = aux_set(cfg["aux-per-domain"])
+    data = [(q, D.solve(q)) for q in aux.questions]
+    rng = np.random.default_rng(derive_seed(cfg["seed"], 0x3A))
+    losses = sft_steps(cfg, policy.model, data, steps, rng)
+    log(
+        f"[fedgrpo] warm-up: {steps} SFT steps on {len(data)} auxiliary items, loss "
+        f"{losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
+    return losses
+
+
+def sft_step(cfg, pid: int, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, dict]:
+    """FedAvg-SFT: ``sft-steps`` AdamW steps of next-token loss on the client's own examples
+    (:func:`sft_steps`), batches drawn from (seed, pid, round)."""
+    model = _client_model(cfg)
+    load_lora(model, arrays)
+    data = client_items(cfg, pid)
+    rng = np.random.default_rng(derive_seed(cfg["seed"], pid, server_round, 0x5F))
+    losses = sft_steps(cfg, model, data, cfg["sft-steps"], rng)
     return lora_state(model), {"loss": float(np.mean(losses)), "num-examples": len(data)}
 
 
@@ -397,12 +444,16 @@ def _client_model(cfg):
 
 # ---------------------------------------------------------------------------- harness
 def evaluator(cfg, policy: LoraPolicy | None = None):
-    """``evaluate(round, arrays) -> metrics``: greedy answers to the test questions, exact-match
+    """``evaluate(round, arrays) -> metrics`` (None: a round that is not evaluated, see
+    ``eval-every``): greedy answers to the test questions, exact-match
     accuracy per domain (``acc_<domain>``), overall ``accuracy``, ``format`` rate and mean exact
     ``reward``."""
     tests = test_items(cfg["eval-per-domain"])
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> dict:
+    def evaluate(server_round: int, arrays: ArrayRecord) -> dict | None:
+        last = server_round == cfg["num-server-rounds"]
+        if server_round % cfg["eval-every"] and not last:
+            return None
         p = policy if policy is not None else LoraPolicy(cfg)
         if len(arrays):
             load_lora(p.model, arrays)

@@ -122,6 +122,69 @@ def test_sft_client_step_is_seeded_and_moves_the_adapter():
     assert a["metrics"]["num-examples"] == 8
 
 
+# ---------------------------------------------------------------------------- learning signal
+def test_prompt_shows_the_answer_format_with_the_demonstrations():
+    c = task.Codec("tiny")
+    q = "What is 12 x 3?"
+    assert c.tok.decode(c.prompt(q, 0)) == "Q: What is 12 x 3?\nA:"
+    one = c.tok.decode(c.prompt(q, 1))
+    assert one == "Q: What is 6 + 7?\nA: <answer>13</answer>\nQ: What is 12 x 3?\nA:"
+    assert c.tok.decode(c.prompt(q, 3)).count("<answer>") == 3
+    # the policy uses the run's `shots` (default 1: the measured cheapest learning signal)
+    policy = task.LoraPolicy(task.parse_config({"model": "tiny"}))
+    assert policy.prompt(q) == c.prompt(q, 1)
+    # each demonstration is right (reward 10) and is never a generated question
+    for k, (dq, da) in enumerate(task.DEMOS):
+        assert D.domain_of(dq) == k and D.exact_rewards(dq, [f"<answer>{da}</answer>"])[0] == 10
+        assert all(dq != g for seed in range(5) for g, _ in D.items(k, 400, seed))
+
+
+def test_warmup_trains_the_adapter_on_the_auxiliary_set_only(monkeypatch):
+    cfg = task.parse_config({**TINY, "warmup-steps": 2})
+    init = task.LoraPolicy(cfg).arrays()
+    a, b = task.LoraPolicy(cfg), task.LoraPolicy(cfg)
+    la, lb = task.warmup(cfg, a, log=lambda _: None), task.warmup(cfg, b, log=lambda _: None)
+    assert len(la) == 2 and la == lb  # seeded
+    moved = [not np.array_equal(a.arrays()[k].numpy(), init[k].numpy()) for k in init]
+    assert any(moved)
+    assert all(np.array_equal(a.arrays()[k].numpy(), b.arrays()[k].numpy()) for k in init)
+    # no warm-up by default
+    c = task.LoraPolicy(task.parse_config(TINY))
+    assert task.warmup(task.parse_config(TINY), c) == []
+    assert all(np.array_equal(c.arrays()[k].numpy(), init[k].numpy()) for k in init)
+    # the data: the server's auxiliary questions with their answers, never a client's examples
+    seen = []
+    monkeypatch.setattr(
+        task, "sft_steps", lambda cfg, model, data, steps, rng: seen.append(data) or [0.0]
+    )
+    task.warmup(cfg, c, log=lambda _: None)
+    aux = task.aux_set(cfg["aux-per-domain"])
+    assert [q for q, _ in seen[0]] == aux.questions
+    assert all(D.solve(q) == ans for q, ans in seen[0])
+
+
+def test_sft_steps_train_on_the_runs_prompt(monkeypatch):
+    cfg = task.parse_config({**TINY, "shots": 2})
+    policy, seen, real = task.LoraPolicy(cfg), [], task.completion_logp
+
+    def spy(model, prompts, completions, pad, device):
+        seen.append((prompts, completions))
+        return real(model, prompts, completions, pad, device)
+
+    monkeypatch.setattr(task, "completion_logp", spy)
+    task.sft_steps(cfg, policy.model, [("What is 2 + 3?", "5")], 1, np.random.default_rng(0))
+    c = task.codec("tiny")
+    assert seen == [([c.prompt("What is 2 + 3?", 2)], [c.encode("<answer>5</answer>") + [c.eos]])]
+
+
+def test_evaluator_skips_rounds_between_eval_every():
+    cfg = task.parse_config({**TINY, "eval-every": 5, "num-server-rounds": 7, "eval-per-domain": 1})
+    evaluate = task.evaluator(cfg, task.LoraPolicy(cfg))
+    arrays = task.LoraPolicy(cfg).arrays()
+    assert evaluate(3, arrays) is None
+    assert {"accuracy", "format"} <= set(evaluate(5, arrays)) and evaluate(7, arrays) is not None
+
+
 # ---------------------------------------------------------------------------- runs
 def _run(tmp_path, method, nodes=6, **over):
     from flowerbed.simulation.local import run_local
@@ -185,3 +248,19 @@ def test_flwr_run_end_to_end(tmp_path):
     assert sorted(rounds) == [0, 1]
     # one expert per domain (3 clients, M = 1): the graph routes each prompt to it
     assert rounds[1]["phases"]["score"]["num_replies"] == 3 and rounds[1]["reward_error"] == 0.0
+
+
+def test_table_command_runs_missing_cells_and_resumes(tmp_path, capsys):
+    from fedgrpo import table
+
+    sets = [f"{k}={json.dumps(v)}" for k, v in TINY.items()]  # TOML values
+    args = ["--out", str(tmp_path), "--methods", "fedgrpo-graph", "--seeds", "3", "--nodes", "3"]
+    text = table.main([*args, "--set", *sets, "num-server-rounds=1", "num-experts=1"])  # last wins
+    res = tmp_path / "fedgrpo-graph" / "seed3" / "results.json"
+    rec = json.loads(res.read_text())
+    assert rec["config"]["seed"] == 3 and rec["config"]["num-server-rounds"] == 1
+    row = text.splitlines()[2]
+    assert row.startswith("| `fedgrpo-graph` | 3 | ")
+    assert table.derived(rec)["reward_error_mean"] == 0.0  # graph: the domain experts scored
+    stamp = res.stat().st_mtime_ns
+    assert table.main([*args, "--limit", "1"]) == text and res.stat().st_mtime_ns == stamp
