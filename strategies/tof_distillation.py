@@ -247,8 +247,9 @@ class TofDistillation(PhasedStrategy):
         log(INFO, "\t└──> min_replies: %d", self.min_replies)
 
     def serving_chart(self) -> Flowchart | None:
-        """The flowchart the server serves with: the merged one (None before the merge)."""
-        return self.merged
+        """The flowchart the server serves with: the merged one when it is shared (None before
+        the merge, and local-only, where each client serves with its own)."""
+        return self.merged if self.share else None
 
     # ------------------------------------------------------------------ phases
     def collect_flowcharts(self, protocol: Protocol, server_round: int, nodes) -> dict:
