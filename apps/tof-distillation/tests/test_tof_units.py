@@ -89,6 +89,19 @@ def test_lp_relaxation_value_is_a_lower_bound_and_fractional_on_a_triangle():
         assert S.covers(sets, got) and len(got) == 2  # reverse delete leaves no redundant set
 
 
+def test_randomized_rounding_includes_each_set_with_probability_x():
+    assert all(S.randomized_rounding(np.array([1.0, 0.0]), 3, s) == {0} for s in range(20))
+    x = np.full(2000, 0.5)
+    one = len(S.randomized_rounding(x, 1, seed=0)) / len(x)
+    three = len(S.randomized_rounding(x, 3, seed=0)) / len(x)
+    assert one == pytest.approx(0.5, abs=0.04)
+    assert three == pytest.approx(1 - 0.5**3, abs=0.03)  # union of three rounds
+
+
+def test_greedy_takes_the_best_cost_per_new_element():
+    assert S.greedy(*WEIGHTED) == [1, 2, 3]  # ratio 1 each, not the big set (3.5 / 3)
+
+
 def test_rounding_repetitions_is_ceil_two_ln():
     assert S.rounding_repetitions(20) == math.ceil(2 * math.log(20)) == 6
     assert S.rounding_repetitions(1) == 1
@@ -154,6 +167,8 @@ def test_construction_dedups_nodes_and_resolves_the_agent_error():
 def test_majority_beats_the_moving_tie_break():
     wrong = Flowchart({("s", "a", "", "x", "a"): 3, ("s", "a", "", "y", "b"): 2})
     assert wrong.rules("s")[0][("a", "")] == ("x", ())  # 3 > 2: x wins, its self-loop is no edge
+    tie = Flowchart({("s", "a", "", "x", "a"): 2, ("s", "a", "", "y", "b"): 2})
+    assert tie.rules("s")[0][("a", "")] == ("y", ("b",))  # tie: the action that moves on
 
 
 def test_merge_sums_counts_and_fixes_a_conflict():

@@ -92,14 +92,21 @@ def rounding_repetitions(num_elements: int) -> int:
     return max(1, math.ceil(2 * math.log(max(num_elements, 1))))
 
 
+def randomized_rounding(x: np.ndarray, repetitions: int, seed: int) -> set[int]:
+    """The union over ``repetitions`` independent rounds in which set ``d`` joins with
+    probability ``x[d]``."""
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for _ in range(repetitions):
+        chosen |= {int(j) for j in np.flatnonzero(rng.random(len(x)) < x)}
+    return chosen
+
+
 def lp_rounding(sets: Sequence[set], costs: Sequence[float], seed: int) -> list[int]:
     """LP relaxation + randomized rounding + greedy repair + reverse delete."""
     x = lp_relaxation(sets, costs)
     universe = set().union(*sets) if sets else set()
-    rng = np.random.default_rng(seed)
-    chosen: set[int] = set()
-    for _ in range(rounding_repetitions(len(universe))):
-        chosen |= {int(j) for j in np.flatnonzero(rng.random(len(x)) < x)}
+    chosen = randomized_rounding(x, rounding_repetitions(len(universe)), seed)
     chosen = _repair(sets, list(costs), chosen)
     return sorted(_prune(sets, list(costs), chosen))
 
