@@ -725,12 +725,15 @@ class MatchMerge(PhasedStrategy):
             weights = effective_weights(best, len(lms))
             order, steps = list(best.order), list(best.weights)
         row = {
-            "lms": [{"partition": p, "kind": lm.kind, "name": lm.name} for p, lm in zip(pids, lms)],
+            "lms": [
+                {"partition": p, "kind": lm.kind, "name": lm.name}
+                for p, lm in zip(pids, lms, strict=True)
+            ],
             "uploads_kept": len(lms),
             "uploads_rejected": len(failures),
             "matching": [pids[k] for k in order],
             "merge_weights": [float(w) for w in steps],
-            "effective_weights": {str(p): float(w) for p, w in zip(pids, weights)},
+            "effective_weights": {str(p): float(w) for p, w in zip(pids, weights, strict=True)},
             "evaluations": evals.count,
             "evals_to_converge": evals.to_converge(self.tol),
             "dev_best_curve": [round(v, 6) for v in evals.best],

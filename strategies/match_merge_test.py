@@ -147,7 +147,9 @@ def test_dev_scorer_rescores_with_the_merged_lm():
     # one utterance, two hypotheses, equal acoustic scores; LM 0 prefers the right one, LM 1
     # the wrong one more strongly: alone LM 1 picks the wrong, the 0.75/0.25 mix the right one
     nb = _nbest(["ab"], [["ab", "ax"]], [[0.0, 0.0]])
-    t = np.log(np.array([[[[0.9, 1.0, 1.0], [0.1, 1.0, 1.0]]], [[[0.4, 1.0, 1.0], [0.6, 1.0, 1.0]]]]))
+    t = np.log(
+        np.array([[[[0.9, 1.0, 1.0], [0.1, 1.0, 1.0]]], [[[0.4, 1.0, 1.0], [0.6, 1.0, 1.0]]]])
+    )
     dev = DevScorer(nb, t, ["ngram", "ngram"], alpha=1.0, beta=0.0)
     assert dev(Candidate((0,))) == 0.0
     assert dev(Candidate((1,))) == pytest.approx(0.5)
@@ -273,7 +275,11 @@ def test_check_lm_reply_names_each_problem():
     bad = _upload(0, 1, "ab", arrays={"x": np.array([1.0, np.nan])})
     assert check_lm_reply(bad) == "array 'x' is not finite"
     assert "lm-kind" in check_lm_reply(_upload(0, 1, "ab", kind=7))
-    no_pid = mock_reply(RecordDict({"lm": ArrayRecord({"a": Array(np.ones(2))}), "metrics": MetricRecord({"lm-kind": 0})}))
+    no_pid = mock_reply(
+        RecordDict(
+            {"lm": ArrayRecord({"a": Array(np.ones(2))}), "metrics": MetricRecord({"lm-kind": 0})}
+        )
+    )
     assert check_lm_reply(no_pid) == "metric 'partition-id' missing"
 
 
