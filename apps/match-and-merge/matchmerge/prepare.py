@@ -76,6 +76,8 @@ def decode(samples: np.ndarray, n: int) -> tuple[list[str], list[float]]:
     for i, h in enumerate(d.nbest()):
         if i >= 20 * n:
             break
+        if h is None:  # pocketsphinx yields None for a path it cannot back-trace
+            continue
         text = normalise(h.hypstr)
         score = float(logmath.log_to_ln(logmath.log(h.score)))
         if text not in best or score > best[text]:

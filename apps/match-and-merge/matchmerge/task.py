@@ -9,6 +9,8 @@ Client ``k`` holds the text of domain ``k % num-domains`` (the ``topic`` partiti
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from flwr.app import MetricRecord, RecordDict
 
 from flowerbed.common import config as C
@@ -114,8 +116,34 @@ def lm_specs(plan: str) -> list[tuple[str, int]]:
     return out
 
 
+#: the run-config keys a client's LM depends on (with the partition and the round)
+LM_KEYS = (
+    "seed",
+    "num-domains",
+    "lm-plan",
+    "train-sentences",
+    "kappa",
+    "gru-hidden",
+    "gru-steps",
+    "gru-lr",
+    "batch-size",
+    "device",
+)
+
+
 def client_lm(cfg, partition_id: int, server_round: int):
-    """Train this client's LM on its domain's text: ``(lm, domain, sentences)``."""
+    """This client's LM trained on its domain's text: ``(lm, domain, sentences)``.
+
+    Training is deterministic in (the :data:`LM_KEYS` values, partition, round), so a process
+    that runs several methods in a row (a sweep with ``launcher=local``) trains each LM once.
+    """
+    key = tuple(cfg[k] for k in LM_KEYS)
+    return _trained(key, int(partition_id), int(server_round))
+
+
+@lru_cache(maxsize=16)
+def _trained(key: tuple, partition_id: int, server_round: int):
+    cfg = dict(zip(LM_KEYS, key, strict=True))
     dom = partition_id % cfg["num-domains"]
     kind, order = lm_specs(cfg["lm-plan"])[partition_id % len(lm_specs(cfg["lm-plan"]))]
     text = D.lm_text(dom, cfg["train-sentences"])
