@@ -141,7 +141,7 @@ def client_lm(cfg, partition_id: int, server_round: int):
     return _trained(key, int(partition_id), int(server_round))
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=32)
 def _trained(key: tuple, partition_id: int, server_round: int):
     cfg = dict(zip(LM_KEYS, key, strict=True))
     dom = partition_id % cfg["num-domains"]
