@@ -32,7 +32,10 @@ def rows(folder: Path) -> dict[int, dict[str, dict]]:
         if method not in SEARCHES or "final" not in rec["extra"]:
             continue
         row = next(r for r in rec["rounds"] if r["round"] == 1)
-        out.setdefault(seed, {})[method] = {"curve": row["dev_best_curve"], "commit": rec["git_commit"][:7]}
+        out.setdefault(seed, {})[method] = {
+            "curve": row["dev_best_curve"],
+            "commit": rec["git_commit"][:7],
+        }
     return out
 
 
