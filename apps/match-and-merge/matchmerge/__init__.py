@@ -1,0 +1,1 @@
+"""Match-and-merge (GMMA / RMMA): federated heterogeneous LMs for N-best rescoring."""
