@@ -1,6 +1,6 @@
 """Match-and-merge app: run-config schema, the clients' domains and LMs, the N-best sets.
 
-Client ``k`` holds the text of domain ``k % num-domains`` (the ``topic`` partitioner; domains:
+Client ``k`` holds the text of domain ``k % num-domains`` (the ``text-domain`` partitioner; domains:
 :mod:`matchmerge.domains`) and trains the LM of entry ``k % len`` of ``lm-plan`` on it
 (``ngram<n>``: a character n-gram of order n; ``gru``: the tiny character GRU; both in
 :mod:`matchmerge.lm`). The server holds the dev and test N-best lists of every domain
@@ -78,7 +78,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "rl-lr": C.Option(0.05, C.positive, "RMMA REINFORCE learning rate > 0"),
         "converge-tol": C.Option(0.001, C.non_negative, "dev-CER tolerance of convergence"),
     },
-    partitioner="topic",
+    partitioner="text-domain",
 )
 
 
@@ -90,7 +90,7 @@ class TopicPartitioner:
         self.num_partitions = int(num_partitions)
 
 
-@register_partitioner("topic")
+@register_partitioner("text-domain")
 def _topic(num_partitions: int, seed: int, **_):
     return TopicPartitioner(num_partitions)
 
