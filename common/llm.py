@@ -141,6 +141,16 @@ def build_model(name: str, seed: int, vocab_size: int = 64):
     raise ValueError(f"model {name!r}: one of {', '.join(MODELS)}")
 
 
+def with_lora(base, rank: int, alpha: int, targets: Sequence[str], seed: int):
+    """``base`` with a fresh peft LoRA adapter on ``targets`` (no dropout): ``torch.manual_seed(seed)``
+    first, so ``A`` comes from ``seed`` and ``B = 0``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    conf = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+    return get_peft_model(base, conf)
+
+
 class CharTokenizer:
     """A character tokenizer for tiny test models: id 0 pad, 1 end of sequence, 2 unknown, then
     one id per character of ``alphabet``.

@@ -45,3 +45,15 @@ def test_char_tokenizer_round_trip():
     assert tok.decode([tok.PAD, *ids[:4], tok.EOS, 3]) == "a<b>"  # pads skipped, stops at EOS
     with pytest.raises(ValueError, match="repeated"):
         llm.CharTokenizer("aa")
+
+
+def test_with_lora_seeded_b_zero_on_targets():
+    def adapter(seed):
+        m = llm.with_lora(llm.tiny_llama(0), rank=2, alpha=4, targets=("q_proj",), seed=seed)
+        return {n: p.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
+
+    a, b, c = adapter(5), adapter(5), adapter(6)
+    assert a and all("q_proj" in n for n in a)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a if "lora_A" in n)
+    assert all(torch.count_nonzero(a[n]) == 0 for n in a if "lora_B" in n)

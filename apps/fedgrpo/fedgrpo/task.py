@@ -204,14 +204,10 @@ def codec(name: str) -> Codec:
 
 def lora_model(cfg):
     """The base model with a fresh LoRA adapter (A from ``derive_seed(seed, 0x10A)``, B = 0)."""
-    from peft import LoraConfig, get_peft_model
-
     base = llm.build_model(cfg["model"], cfg["seed"], vocab_size=codec(cfg["model"]).vocab_size)
-    torch.manual_seed(derive_seed(cfg["seed"], 0x10A))
-    conf = LoraConfig(
-        r=cfg["lora-rank"], lora_alpha=cfg["lora-alpha"], target_modules=list(LORA_TARGETS)
-    )
-    return get_peft_model(base, conf).to(get_device(cfg["device"]))
+    seed = derive_seed(cfg["seed"], 0x10A)
+    model = llm.with_lora(base, cfg["lora-rank"], cfg["lora-alpha"], LORA_TARGETS, seed)
+    return model.to(get_device(cfg["device"]))
 
 
 def lora_state(model) -> ArrayRecord:

@@ -182,17 +182,10 @@ def codec(name: str) -> Codec:
 
 def student(cfg):
     """Base model + a LoRA adapter (A drawn from ``derive_seed(seed, 0x70F)``, B = 0)."""
-    from peft import LoraConfig, get_peft_model
-
     base = llm.build_model(cfg["model"], cfg["seed"], vocab_size=codec(cfg["model"]).vocab_size)
-    torch.manual_seed(derive_seed(cfg["seed"], 0x70F))
-    conf = LoraConfig(
-        r=cfg["lora-rank"],
-        lora_alpha=cfg["lora-alpha"],
-        lora_dropout=0.0,
-        target_modules=LORA_TARGETS,
-    )
-    return get_peft_model(base, conf).to(get_device(cfg["device"]))
+    seed = derive_seed(cfg["seed"], 0x70F)
+    model = llm.with_lora(base, cfg["lora-rank"], cfg["lora-alpha"], LORA_TARGETS, seed)
+    return model.to(get_device(cfg["device"]))
 
 
 _KEYS = ("model", "seed", "lora-rank", "lora-alpha", "device")
