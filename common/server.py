@@ -22,6 +22,30 @@ from flowerbed.common.results import ResultsWriter
 INFO = 20
 
 
+class ClientsFailedError(RuntimeError):
+    """Every client call of the first round returned an error: the run cannot make progress
+    (e.g. a partition that cannot be drawn, a missing data set on every node)."""
+
+
+def first_round_failure(row: Mapping[str, Any]) -> str | None:
+    """The first error reason when every call of a round failed with an error reply, else None.
+
+    Timeouts and rejected replies do not count (a slow or malicious client is not a broken run),
+    nor do injected faults (``fault-mode``: failing every call is then deliberate).
+    """
+    phases = row.get("phases") or {}
+    calls = [ph for ph in phases.values() if ph.get("num_sent", 0) > 0]
+    if not calls or any(ph.get("num_failures", 0) < ph["num_sent"] for ph in calls):
+        return None  # at least one valid reply
+    reasons = [r for ph in calls for r in ph.get("failure_reasons", [])]
+    if not reasons:
+        return None
+    causes = [r.split(": ", 1)[-1] for r in reasons]  # drop the "node <id>: " prefix
+    if not all(c.startswith("error ") for c in causes) or any("InjectedFault" in c for c in causes):
+        return None
+    return causes[0][len("error ") :]
+
+
 def output_dir(setting: str, app: str) -> Path:
     """Resolve the run's output folder.
 
@@ -61,6 +85,13 @@ def run_strategy(
     replies, failures with reasons, bytes, seconds), the strategy's ``history`` row when it has
     one (rejections, method-specific values), the server-side evaluation (``server_*``) and the
     aggregated client metrics (``train_*``, ``client_*``); ``totals`` holds the run's bytes.
+
+    Raises
+    ------
+    ClientsFailedError
+        When every call of round 1 came back as an error (see :func:`first_round_failure`):
+        the run stops there, with the reason in ``results.json`` (``extra.aborted``), instead of
+        running every remaining round on the initial model.
     """
     from flowerbed.common.checkpoint import Checkpointed
 
@@ -95,6 +126,12 @@ def run_strategy(
         ):
             row.update({f"{prefix}{k}": v for k, v in metrics.get(server_round, {}).items()})
         writer.add_round(server_round, **row)
+        if server_round == 1 and (why := first_round_failure(row)) is not None:
+            msg = f"every client call of round 1 failed, stopping: {why}"
+            writer.set("aborted", msg)
+            writer.set("totals", protocol.totals())
+            writer.write(final=True)
+            raise ClientsFailedError(msg)
         shown = ", ".join(
             f"{k}={v:.4f}"
             for k, v in result.evaluate_metrics_serverapp.get(server_round, {}).items()

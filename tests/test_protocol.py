@@ -239,3 +239,48 @@ def test_checkpoint_and_resume_work_for_a_phased_strategy(tmp_path):
     assert resumed.resumed_from == 2 and len(grid.sent) == 3  # only round 3 was run
     full = TwoPhase().start(EchoGrid([1, 2]), _arrays(1.0), num_rounds=3)
     assert out.arrays["w"].numpy().tobytes() == full.arrays["w"].numpy().tobytes()
+
+
+def test_a_first_round_where_every_client_errors_stops_the_run(tmp_path):
+    """Every call of round 1 an error reply: a named error after round 1 (not 3 rounds on the
+    initial model), the reason in results.json; one working client keeps the run going."""
+    import json
+
+    from flowerbed.common.server import ClientsFailedError
+
+    grid = EchoGrid([1, 2, 3], fail=[1, 2, 3])
+    writer = ResultsWriter(tmp_path, {}, app="t")
+    strategy = FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
+    with pytest.raises(ClientsFailedError, match="round 1 failed.*ValueError: boom"):
+        run_strategy(strategy, grid, _arrays(1.0), 3, writer, train_config=ConfigRecord({}))
+    assert len(grid.sent) == 3  # round 1 only
+    rec = json.loads(writer.path.read_text())
+    assert [r["round"] for r in rec["rounds"] if r["round"] > 0] == [1]
+    assert "ValueError: boom" in rec["extra"]["aborted"]
+    assert "finished_at" in rec
+
+    grid = EchoGrid([1, 2, 3], fail=[1, 2])
+    strategy = FedAvg(min_train_nodes=1, min_available_nodes=1, fraction_evaluate=0.0)
+    writer = ResultsWriter(tmp_path / "b", {}, app="t")
+    run_strategy(strategy, grid, _arrays(1.0), 3, writer, train_config=ConfigRecord({}))
+    assert len(grid.sent) == 9
+
+
+@pytest.mark.parametrize(
+    "reasons, want",
+    [
+        (["node 1: error DataError: no rows", "node 2: error DataError: no rows"], "DataError"),
+        (["node 1: error DataError: x", "node 2: no reply within 5 s"], None),  # a timeout
+        (["node 1: error DataError: x", "node 2: rejected, arrays not finite"], None),
+        (["node 1: error InjectedFault: injected fault"] * 2, None),  # fault-mode on purpose
+    ],
+)
+def test_first_round_failure_counts_only_error_replies(reasons, want):
+    from flowerbed.common.server import first_round_failure
+
+    row = {"phases": {"train": {"num_sent": 2, "num_replies": 2, "num_failures": 2}}}
+    row["phases"]["train"]["failure_reasons"] = reasons
+    got = first_round_failure(row)
+    assert (got is None) if want is None else (want in got)
+    row["phases"]["train"].update(num_failures=1)  # one valid reply: not a broken run
+    assert first_round_failure(row) is None
