@@ -50,6 +50,9 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "batch-size": C.Option(4, C.positive, "examples per client and step > 0"),
         "max-chars": C.Option(200, C.positive, "characters of the summary in the prompt > 0"),
         "sync-steps": C.Option(5, C.positive, "split steps per round (A/C averaged after) > 0"),
+        "sync-every": C.Option(
+            0, C.non_negative, "A/C also averaged every this many steps in a round (0: no) >= 0"
+        ),
         "sigma": C.Option(0.0, C.non_negative, "hidden-state noise setting >= 0"),
         "noise-mean-abs": C.Option(True, help="true: std = sigma*sqrt(pi/2), E|noise| = sigma"),
         "mask-compression": C.Option(True, help="send non-pad counts instead of 4-D masks"),
