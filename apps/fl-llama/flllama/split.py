@@ -95,6 +95,26 @@ def add_noise(h: torch.Tensor, sigma: float, mean_abs: bool, seed: int) -> torch
     return h + noise_std(sigma, mean_abs) * eps
 
 
+def private_grad(
+    grad: torch.Tensor, counts: torch.Tensor, clip: float, multiplier: float, seed: int
+) -> torch.Tensor:
+    """Gradient DP on what the client sends back (dL/dh_B, ``(b, L, d)``; the authors' option):
+    each sample's gradient ``grad[i]`` is clipped to L2 norm <= ``clip`` (scaled by
+    min(1, clip / ||grad[i]||)), then Gaussian noise of std ``multiplier * clip`` is added to
+    every entry at the sample's real (non-pad) positions, drawn from a generator seeded with
+    ``seed``. ``clip`` <= 0: the gradient is returned unchanged."""
+    if clip <= 0:
+        return grad
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    out = grad * (clip / norms).clamp(max=1.0).reshape(-1, 1, 1)
+    if multiplier > 0:
+        gen = torch.Generator().manual_seed(int(seed) % (2**63))
+        eps = torch.randn(grad.shape, generator=gen, dtype=torch.float32).to(grad.device)
+        real = padding_mask(counts.to(grad.device), grad.shape[1]).unsqueeze(-1)
+        out = out + float(multiplier) * float(clip) * eps.to(grad.dtype) * real
+    return out
+
+
 # ---------------------------------------------------------------------------- LoRA
 def add_lora(model: nn.Module, rank: int, alpha: float, seed: int) -> nn.Module:
     """``model`` with a LoRA adapter (peft) on q/k/v/o of every decoder layer; the base weights

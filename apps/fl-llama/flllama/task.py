@@ -27,6 +27,7 @@ from flllama.split import (
     layer_of,
     lm_loss,
     load_lora,
+    private_grad,
     split_generate,
 )
 from flowerbed.common import config as C
@@ -64,6 +65,12 @@ SCHEMA: dict[str, C.Option] = C.compose(
         ),
         "sigma": C.Option(0.0, C.non_negative, "hidden-state noise setting >= 0"),
         "noise-mean-abs": C.Option(True, help="true: std = sigma*sqrt(pi/2), E|noise| = sigma"),
+        "grad-dp-clip": C.Option(
+            0.0, C.non_negative, "per-sample L2 clip of dL/dh_B (0: no gradient DP) >= 0"
+        ),
+        "grad-dp-noise": C.Option(
+            0.0, C.non_negative, "gradient DP noise std = this * grad-dp-clip >= 0"
+        ),
         "mask-compression": C.Option(True, help="send non-pad counts instead of 4-D masks"),
         "eval-samples": C.Option(48, C.positive, "test examples of the server-side eval > 0"),
         "gen-tokens": C.Option(
@@ -85,9 +92,14 @@ def parse_config(run_config) -> C.RunConfig:
     """Validate the run config (one line naming a bad key or value) and resolve ``method``."""
     from flllama.methods import METHODS
 
-    return C.parse(
+    cfg = C.parse(
         run_config, {**SCHEMA, "method": METHODS.option("split-sequential")}, methods=METHODS
     )
+    if cfg["grad-dp-noise"] > 0 and cfg["grad-dp-clip"] <= 0:
+        raise C.ConfigError(
+            f"run config grad-dp-noise={cfg['grad-dp-noise']}: needs grad-dp-clip > 0"
+        )
+    return cfg
 
 
 # ---------------------------------------------------------------------------- models and data
@@ -232,7 +244,9 @@ def _block(cfg, state, pid, n, rnd, step, block: str):
 
 
 def client_c(cfg, state, pid, n, rnd, step, h_b: np.ndarray) -> tuple[np.ndarray, float]:
-    """Phase 2: C's forward and the loss on h_B, backward, clip, AdamW step on C; dL/dh_B."""
+    """Phase 2: C's forward and the loss on h_B, backward, clip, AdamW step on C; dL/dh_B (with
+    ``grad-dp-clip`` > 0: per-sample clipped and noised, :func:`flllama.split.private_grad`; C's
+    own update uses the exact gradient)."""
     model, s, batch, params, opt = _block(cfg, state, pid, n, rnd, step, "c")
     dev = batch["input_ids"].device
     hb = torch.from_numpy(np.asarray(h_b, dtype=np.float32)).to(dev).requires_grad_(True)
@@ -242,7 +256,14 @@ def client_c(cfg, state, pid, n, rnd, step, h_b: np.ndarray) -> tuple[np.ndarray
     torch.nn.utils.clip_grad_norm_(params, cfg["grad-clip"])
     opt.step()
     _save(state, model, s, "opt-c", opt)
-    return hb.grad.detach().cpu().numpy(), float(loss.item())
+    grad = private_grad(
+        hb.grad.detach(),
+        batch["counts"],
+        cfg["grad-dp-clip"],
+        cfg["grad-dp-noise"],
+        derive_seed(cfg["seed"], pid, rnd, step, 0x6D50),
+    )
+    return grad.cpu().numpy(), float(loss.item())
 
 
 def client_a(cfg, state, pid, n, rnd, step, grad_a: np.ndarray) -> None:

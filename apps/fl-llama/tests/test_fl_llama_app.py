@@ -38,6 +38,10 @@ def test_bad_key_or_value_is_one_line():
         task.parse_config({"p": 1})
     with pytest.raises(ConfigError, match=r"method='fedavg': must be one of split-sequential"):
         task.parse_config({"method": "fedavg"})
+    with pytest.raises(ConfigError, match=r"^run config grad-dp-noise=1.0: needs grad-dp-clip > 0"):
+        task.parse_config({"grad-dp-noise": 1.0})
+    with pytest.raises(ConfigError, match="top-p"):
+        task.parse_config({"top-p": 0.0})
 
 
 def test_task_is_deterministic_and_split_by_topic():
@@ -134,6 +138,8 @@ def test_noise_changes_training_and_mask_compression_bytes_by_hand(tmp_path):
     assert 0 <= base[1]["server_gen_accuracy"] <= 1  # sampled generation ran in the harness
     _, full = _run(tmp_path, "full", **{**over, "mask-compression": False})
     _, noisy = _run(tmp_path, "noisy", **{**over, "sigma": 0.5})
+    _, dp = _run(tmp_path, "dp", **{**over, "grad-dp-clip": 0.04, "grad-dp-noise": 1.0})
+    assert abs(dp[1]["loss"] - base[1]["loss"]) > 1e-4 and np.isfinite(dp[1]["server_loss"])
     assert full[1]["server_loss"] == pytest.approx(base[1]["server_loss"], abs=1e-6)
     assert abs(noisy[1]["loss"] - base[1]["loss"]) > 1e-4
     # by hand: per forward reply, the 4-D mask (b*L*L float32) and position ids (b*L int64)

@@ -1,6 +1,6 @@
 """FL-LLaMA split model on a tiny random LLaMA (4 layers, hidden 32, vocab 64): split == unsplit
 (loss, gradients, greedy generation), KV cache == no cache, masks rebuilt from counts, the noise
-scale, LoRA averaging by hand, top-p / temperature sampling on hand-made logits."""
+scale, gradient DP by hand, LoRA averaging by hand, top-p / temperature sampling on hand-made logits."""
 
 import copy
 import math
@@ -27,6 +27,7 @@ from flllama.split import (  # noqa: E402
     noise_std,
     padding_mask,
     position_ids,
+    private_grad,
     split_generate,
     split_step,
     top_p_keep,
@@ -231,3 +232,38 @@ def test_temperature_to_zero_is_greedy_and_same_seed_same_tokens():
     c = split_generate(s, s, ids, COUNTS, 8, temperature=1.5, top_p=0.95, seed=8)
     assert torch.equal(a, b)  # same seed, same tokens (with or without the cache)
     assert not torch.equal(a, c) and not torch.equal(a, greedy)
+
+
+# ---------------------------------------------------------------------------- gradient DP
+def test_private_grad_clips_each_sample_by_hand():
+    """Per-sample norms 0.02, 0.5 and 0.08 with clip 0.04: sample 0 untouched, samples 1 and 2
+    scaled to norm 0.04 (by 0.08 and 0.5); no noise at multiplier 0; clip 0 = off."""
+    g = torch.zeros(3, 2, 2)
+    g[0, 1] = torch.tensor([0.012, 0.016])  # norm 0.02
+    g[1, 0] = torch.tensor([0.3, 0.4])  # norm 0.5
+    g[2, 1] = torch.tensor([0.0, 0.08])  # norm 0.08
+    out = private_grad(g, torch.tensor([2, 2, 1]), 0.04, 0.0, seed=0)
+    torch.testing.assert_close(out[0], g[0])
+    torch.testing.assert_close(out[1, 0], torch.tensor([0.024, 0.032]))
+    torch.testing.assert_close(out[2, 1], torch.tensor([0.0, 0.04]))
+    assert (out.flatten(1).norm(dim=1) <= 0.04 + 1e-7).all()
+    assert private_grad(g, torch.tensor([2, 2, 1]), 0.0, 1.0, seed=0) is g
+
+
+def test_private_grad_noise_std_is_multiplier_times_clip_at_real_positions():
+    """Clip 0.04, multiplier 1.5: noise std 0.06 on the real positions, none on the pads; the
+    sample's clipped gradient underneath; seeded. Fails if the noise is dropped or its scale
+    (sigma * C) changed, or if the clip is skipped."""
+    b, length, d = 4, 10, 300
+    counts = torch.tensor([10, 6, 3, 8])
+    g = torch.zeros(b, length, d)
+    g[:, -1, 0] = 2.0  # norm 2 each: clipped to 0.04
+    out = private_grad(g, counts, 0.04, 1.5, seed=3)
+    real = padding_mask(counts, length).bool()
+    clean = private_grad(g, counts, 0.04, 0.0, seed=3)
+    noise = out - clean
+    assert noise[real].std().item() == pytest.approx(0.06, rel=0.02)
+    assert noise[~real].abs().max().item() == 0.0
+    assert clean[:, -1, 0].tolist() == pytest.approx([0.04] * b)
+    assert torch.equal(private_grad(g, counts, 0.04, 1.5, seed=3), out)
+    assert not torch.equal(private_grad(g, counts, 0.04, 1.5, seed=4), out)
