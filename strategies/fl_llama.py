@@ -203,6 +203,11 @@ class FLLlama(PhasedStrategy):
         ``sequential``, ``client-batch`` or ``server-hierarchical``.
     sync_steps : int, default 1
         Split steps per round; the A/C adapters (and B replicas) are averaged after them.
+    sync_every : int, default 0
+        Also average the A/C adapters (and B replicas) after every ``sync_every`` steps inside
+        a round (the next step's ``train.forward`` carries the average); 0: only at the end of
+        the round. ``sync_every = 1`` averages after every step (a control of the
+        split/centralized gap).
     min_nodes : int, default 1
         Nodes that must be connected before a round starts.
 
@@ -219,6 +224,7 @@ class FLLlama(PhasedStrategy):
         mode: str = "sequential",
         sync_steps: int = 1,
         min_nodes: int = 1,
+        sync_every: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
@@ -226,6 +232,9 @@ class FLLlama(PhasedStrategy):
         self.hidden_size = int(hidden_size)
         self.mode = mode
         self.sync_steps = int(sync_steps)
+        if int(sync_every) < 0:
+            raise ValueError(f"sync_every {sync_every}: must be >= 0")
+        self.sync_every = int(sync_every)
         self.min_nodes = int(min_nodes)
         self.history: dict[int, dict] = {}
         self.step_losses: list[float] = []
@@ -235,6 +244,7 @@ class FLLlama(PhasedStrategy):
         log(INFO, "\t└──> FL-LLaMA split training (train.forward -> train.c -> train.a):")
         log(INFO, "\t\t├── mode: %s", self.mode)
         log(INFO, "\t\t├── sync_steps: %d", self.sync_steps)
+        log(INFO, "\t\t├── sync_every: %d (0: end of round)", self.sync_every)
         log(INFO, "\t\t└── hidden_size: %d", self.hidden_size)
 
     # ------------------------------------------------------------------ one step
@@ -309,6 +319,29 @@ class FLLlama(PhasedStrategy):
         replica = index if self.mode == "server-hierarchical" else 0
         return self.server.forward(h, counts, replica)
 
+    def _sync(self, protocol, nodes, server_round, reference) -> tuple[ArrayRecord, int, int]:
+        """``train.sync``: FedAvg of the clients' A/C adapters (B replicas averaged too in
+        server-hierarchical mode); the average, its examples and the rejected replies."""
+        sync = protocol.broadcast(
+            SYNC,
+            RecordDict({"config": ConfigRecord({"server-round": server_round})}),
+            nodes,
+            message_type=SYNC,
+            validate=lambda m: check_lora(m, reference),
+        )
+        if not sync.replies:
+            raise FLLlamaError(f"round {server_round}: no valid adapter in {SYNC}: {sync.failures}")
+        for node, why in sorted(sync.failures.items()):
+            log(WARNING, "[fl-llama] node %d left out of the average: %s", node, why)
+        records = [
+            RecordDict({"lora": m.content["lora"], "metrics": m.content["metrics"]})
+            for m in sync.replies
+        ]
+        if self.mode == "server-hierarchical":
+            self.server.average_replicas([1.0] * len(nodes))
+        n_ex = sum(int(m.content["metrics"]["num-examples"]) for m in sync.replies)
+        return aggregate_arrayrecords(records, "num-examples"), n_ex, len(sync.failures)
+
     # ------------------------------------------------------------------ one round
     def run_round(
         self,
@@ -331,8 +364,8 @@ class FLLlama(PhasedStrategy):
         self.server.set_lora(ArrayRecord({k: v for k, v in arrays.items() if k in b_keys}))
         losses: list[float] = []
         rejected = 0
+        lora: ArrayRecord | None = client_lora
         for step in range(self.sync_steps):
-            lora = client_lora if step == 0 else None
             if self.mode == "sequential":
                 step_losses = []
                 for n in nodes:
@@ -345,25 +378,12 @@ class FLLlama(PhasedStrategy):
             if step_losses:
                 losses.append(float(np.mean(step_losses)))
                 self.step_losses.append(losses[-1])
-        sync = protocol.broadcast(
-            SYNC,
-            RecordDict({"config": ConfigRecord({"server-round": server_round})}),
-            nodes,
-            message_type=SYNC,
-            validate=lambda m: check_lora(m, client_lora),
-        )
-        if not sync.replies:
-            raise FLLlamaError(f"round {server_round}: no valid adapter in {SYNC}: {sync.failures}")
-        rejected += len(sync.failures)
-        for node, why in sorted(sync.failures.items()):
-            log(WARNING, "[fl-llama] node %d left out of the average: %s", node, why)
-        records = [
-            RecordDict({"lora": m.content["lora"], "metrics": m.content["metrics"]})
-            for m in sync.replies
-        ]
-        averaged = aggregate_arrayrecords(records, "num-examples")
-        if self.mode == "server-hierarchical":
-            self.server.average_replicas([1.0] * len(nodes))
+            lora = None
+            last = step == self.sync_steps - 1
+            if last or (self.sync_every and (step + 1) % self.sync_every == 0):
+                averaged, n_ex, rej = self._sync(protocol, nodes, server_round, client_lora)
+                rejected += rej
+                lora = averaged  # the next step starts from the average
         new = ArrayRecord({**dict(averaged.items()), **dict(self.server.lora().items())})
         phases = protocol.round_row(server_round)["phases"]
         step_bytes = sum(
@@ -379,7 +399,6 @@ class FLLlama(PhasedStrategy):
             "num_rejected": rejected,
             "bytes_per_step": step_bytes / max(len(losses), 1),  # both ways, sync excluded
         }
-        n_ex = sum(int(m.content["metrics"]["num-examples"]) for m in sync.replies)
         metrics = MetricRecord(
             {
                 "loss": self.history[server_round]["loss"],

@@ -143,6 +143,7 @@ class ToyGrid(FakeGrid):
         self.bad = bad or {}
         self.examples = examples or {1: 10, 2: 30}
         self.grads_a = {}
+        self.lora_seen = []  # (node, step, the A/C adapter a train.forward carried)
 
     def send_and_receive(self, messages, timeout=None):
         out = []
@@ -151,6 +152,9 @@ class ToyGrid(FakeGrid):
             b, length = (2, 3) if n == 1 else (1, 5)
             bad = self.bad.get(n) == t
             if t == FORWARD:
+                if "lora" in m.content.array_records:
+                    w = float(m.content["lora"]["a.w"].numpy()[0])
+                    self.lora_seen.append((n, int(m.content["config"]["step"]), w))
                 h = np.full((b, length, D), np.nan if bad else float(n), np.float32)
                 c = RecordDict({"hidden": hidden_record(h, [length] * b, True)})
             elif t == BACK_C:
@@ -174,9 +178,9 @@ class ToyGrid(FakeGrid):
         return out
 
 
-def _round(mode, grid, steps=1):
+def _round(mode, grid, steps=1, sync_every=0):
     block = ToyBlock()
-    s = FLLlama(block, D, mode=mode, sync_steps=steps)
+    s = FLLlama(block, D, mode=mode, sync_steps=steps, sync_every=sync_every)
     arrays = np_record({"a.w": np.zeros(1, np.float32), "b.w": np.ones(1, np.float32)})
     proto = Protocol(grid)
     proto.current_round = 1
@@ -243,3 +247,35 @@ def test_no_valid_adapter_is_a_named_error():
 def test_unknown_mode_is_named():
     with pytest.raises(ValueError, match="mode 'ring'"):
         FLLlama(ToyBlock(), D, mode="ring")
+
+
+@pytest.mark.parametrize("mode", ["sequential", "client-batch"])
+def test_sync_every_step_sends_the_average_to_the_next_step(mode):
+    """sync_every = 1: the A/C adapters are averaged after each step and the next step's
+    train.forward carries the average ((10 * 1 + 30 * 2) / 40 = 1.75); by default (0) only the
+    round's first step carries an adapter and train.sync runs once."""
+    grid = ToyGrid()
+    s, _, out, proto = _round(mode, grid, steps=3, sync_every=1)
+    assert sorted(grid.lora_seen) == [
+        (1, 0, 0.0),
+        (1, 1, 1.75),
+        (1, 2, 1.75),
+        (2, 0, 0.0),
+        (2, 1, 1.75),
+        (2, 2, 1.75),
+    ]
+    assert proto.rounds[1]["phases"][SYNC]["calls"] == 3
+    assert out.arrays["a.w"].numpy()[0] == pytest.approx(1.75)
+    grid = ToyGrid()
+    _, _, _, proto = _round(mode, grid, steps=3)
+    assert sorted(grid.lora_seen) == [(1, 0, 0.0), (2, 0, 0.0)]
+    assert proto.rounds[1]["phases"][SYNC]["calls"] == 1
+    grid = ToyGrid()
+    _, _, _, proto = _round(mode, grid, steps=4, sync_every=2)
+    assert sorted(grid.lora_seen) == [(1, 0, 0.0), (1, 2, 1.75), (2, 0, 0.0), (2, 2, 1.75)]
+    assert proto.rounds[1]["phases"][SYNC]["calls"] == 2
+
+
+def test_negative_sync_every_is_named():
+    with pytest.raises(ValueError, match="sync_every -1"):
+        FLLlama(ToyBlock(), D, sync_every=-1)

@@ -164,6 +164,19 @@ def make_batch(tokenizer, rows, indices, max_chars: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "counts": counts, "labels": labels, "topic": torch.tensor(topics)}
 
 
+def make_prompt_batch(tokenizer, rows, indices, max_chars: int) -> dict:
+    """The prompts alone (left-padded ``input_ids``, ``counts``) and each example's target tokens
+    (``targets``, a list of lists): the input of generation."""
+    prompts = [tokenizer.prompt(rows[int(i)][1], max_chars) for i in indices]
+    targets = [tokenizer.target(rows[int(i)][2]) for i in indices]
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), tokenizer.PAD, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, length - len(p) :] = torch.tensor(p)
+    counts = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return {"input_ids": ids, "counts": counts, "targets": targets}
+
+
 def batch_indices(pool: np.ndarray, batch_size: int, seed: int, *keys: int) -> np.ndarray:
     """``batch_size`` indices drawn without replacement from ``pool`` with
     ``derive_seed(seed, *keys)`` (keys: partition, round, step)."""

@@ -18,7 +18,12 @@ from flowerbed.strategies.fl_llama import FLLlama
 def make_split(cfg, min_nodes: int = 1, server=None, hidden_size: int = 0, mode: str = "", **_):
     """The split-training protocol with the server's block B."""
     return FLLlama(
-        server, hidden_size, mode=mode, sync_steps=cfg["sync-steps"], min_nodes=min_nodes
+        server,
+        hidden_size,
+        mode=mode,
+        sync_steps=cfg["sync-steps"],
+        min_nodes=min_nodes,
+        sync_every=cfg["sync-every"],
     )
 
 

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCHEDULE = ("model", "split-a", "split-c", "sync-steps", "batch-size", "lr", "max-chars", "seed")
 
 
@@ -32,8 +34,20 @@ def is_split(name: str) -> bool:
     return bool(METHODS[name].flag("split"))
 
 
-def _key(cfg: dict) -> tuple:
-    return tuple(cfg.get(k) for k in SCHEDULE)
+def clients(run: dict) -> int | None:
+    """Number of clients of a run: the split rounds' ``train_clients``; for centralized, the
+    round-1 examples / (sync-steps x batch-size), i.e. the clients whose batches it pooled."""
+    first = next((x for x in run["rounds"] if x["round"] == 1), {})
+    if "train_clients" in first:
+        return int(first["train_clients"])
+    if "train_num-examples" in first:
+        cfg = run["config"]
+        return int(first["train_num-examples"]) // (cfg["sync-steps"] * cfg["batch-size"])
+    return None
+
+
+def _key(run: dict) -> tuple:
+    return (*(run["config"].get(k) for k in SCHEDULE), clients(run))
 
 
 def rows(runs: list[dict]) -> list[dict]:
@@ -41,12 +55,12 @@ def rows(runs: list[dict]) -> list[dict]:
     central = {}
     for r in runs:
         if not is_split(r["config"]["method"]):
-            central[(_key(r["config"]), r["config"]["num-server-rounds"])] = r
+            central[(_key(r), r["config"]["num-server-rounds"])] = r
     out = []
     for r in runs:
         cfg, rounds = r["config"], r["rounds"]
         last = rounds[-1]
-        ref = central.get((_key(cfg), cfg["num-server-rounds"]))
+        ref = central.get((_key(r), cfg["num-server-rounds"]))
         first = next((x for x in rounds if x["round"] == 1), {})
         split = is_split(cfg["method"])
         out.append(
@@ -74,6 +88,53 @@ def rows(runs: list[dict]) -> list[dict]:
             r["sigma"] or 0,
         ),
     )
+
+
+CONTROLS = ("sync-every", "client-lr-scale", "grad-dp-clip", "grad-dp-noise")
+
+
+def gap_table(runs: list[dict]) -> str:
+    """The split/centralized controls: one row per split run without hidden-state noise that
+    has a centralized run of the
+    same schedule, seed and number of clients (final evaluation loss, ratio), then the mean,
+    min and max ratio over seeds of each control setting (clients, sync-every, client-lr-scale,
+    gradient DP)."""
+    central = {
+        (_key(r), r["config"]["num-server-rounds"]): r
+        for r in runs
+        if not is_split(r["config"]["method"])
+    }
+    lines, groups = [], {}
+    for r in runs:
+        cfg = r["config"]
+        ref = central.get((_key(r), cfg["num-server-rounds"]))
+        if not is_split(cfg["method"]) or ref is None or cfg.get("sigma", 0) != 0:
+            continue
+        ctl = (
+            clients(r),
+            *(cfg.get(k, d) for k, d in zip(CONTROLS, (0, 1.0, 0.0, 0.0), strict=True)),
+        )
+        loss, cen = r["rounds"][-1]["server_loss"], ref["rounds"][-1]["server_loss"]
+        groups.setdefault(ctl, []).append(loss / cen)
+        lines.append(
+            f"| {ctl[0]} | {ctl[1]} | {ctl[2]:g} | {ctl[3]:g} / {ctl[4]:g} | {cfg['seed']} "
+            f"| {loss:.4f} | {cen:.4f} | {loss / cen:.4f} "
+            f"| {r['rounds'][-1]['server_accuracy']:.4f} | {r.get('git_commit', '')[:7]} |"
+        )
+    head = (
+        "| clients | sync-every | client-lr-scale | grad DP clip / noise | seed | split loss "
+        "| centralized loss | ratio | split accuracy | commit |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    summ = (
+        "\n| clients | sync-every | client-lr-scale | grad DP clip / noise | seeds "
+        "| ratio mean | min | max |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    summ += "\n".join(
+        f"| {c[0]} | {c[1]} | {c[2]:g} | {c[3]:g} / {c[4]:g} | {len(v)} | {np.mean(v):.4f} "
+        f"| {min(v):.4f} | {max(v):.4f} |"
+        for c, v in sorted(groups.items(), key=lambda kv: tuple(map(float, kv[0])))
+    )
+    return head + "\n".join(lines) + "\n" + summ + "\n"
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -127,10 +188,17 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     args = sys.argv[1:] if argv is None else argv
+    gap = "--gap" in args
+    args = [a for a in args if a != "--gap"]
     folder = Path(args[0] if args else "outputs/fl-llama-table")
-    runs = load_runs(folder)
+    runs = [r for f in args[1:] if gap for r in load_runs(f)] + load_runs(folder)
     if not runs:
         raise SystemExit(f"no results.json under {folder}")
+    if gap:  # python -m flllama.report --gap FOLDER [MORE FOLDERS]: table into FOLDER/gap.md
+        text = gap_table(runs)
+        (folder / "gap.md").write_text(text)
+        print(text + f"-> {folder / 'gap.md'}")
+        return text
     text = markdown(rows(runs))
     (folder / "table.md").write_text(text)
     plot(runs, folder / "loss.png")

@@ -1,5 +1,6 @@
 """The split LLaMA of FL-LLaMA: blocks A / B / C, mask compression, hidden-state noise, the
-gradient hand-offs and split greedy generation with a KV cache on both sides.
+gradient hand-offs and split generation (greedy, or temperature + top-p sampling) with a KV cache
+on both sides.
 
 Zhang et al., "A Federated Splitting Framework for LLMs: Security, Efficiency, and
 Adaptability" (FL-LLaMA / FedSEA-LLaMA), arXiv:2505.15683; the split follows the authors' code
@@ -92,6 +93,26 @@ def add_noise(h: torch.Tensor, sigma: float, mean_abs: bool, seed: int) -> torch
     gen = torch.Generator().manual_seed(int(seed) % (2**63))
     eps = torch.randn(h.shape, generator=gen, dtype=torch.float32).to(h.device, h.dtype)
     return h + noise_std(sigma, mean_abs) * eps
+
+
+def private_grad(
+    grad: torch.Tensor, counts: torch.Tensor, clip: float, multiplier: float, seed: int
+) -> torch.Tensor:
+    """Gradient DP on what the client sends back (dL/dh_B, ``(b, L, d)``; the authors' option):
+    each sample's gradient ``grad[i]`` is clipped to L2 norm <= ``clip`` (scaled by
+    min(1, clip / ||grad[i]||)), then Gaussian noise of std ``multiplier * clip`` is added to
+    every entry at the sample's real (non-pad) positions, drawn from a generator seeded with
+    ``seed``. ``clip`` <= 0: the gradient is returned unchanged."""
+    if clip <= 0:
+        return grad
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    out = grad * (clip / norms).clamp(max=1.0).reshape(-1, 1, 1)
+    if multiplier > 0:
+        gen = torch.Generator().manual_seed(int(seed) % (2**63))
+        eps = torch.randn(grad.shape, generator=gen, dtype=torch.float32).to(grad.device)
+        real = padding_mask(counts.to(grad.device), grad.shape[1]).unsqueeze(-1)
+        out = out + float(multiplier) * float(clip) * eps.to(grad.dtype) * real
+    return out
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -262,6 +283,35 @@ def split_step(
 
 
 # ---------------------------------------------------------------------------- generation
+def top_p_keep(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus of each row of ``probs`` (..., V): True for the smallest set of most probable
+    tokens whose total mass is >= ``top_p`` (a token is kept when the mass of the tokens before it
+    in decreasing order is < ``top_p``; the most probable token is always kept)."""
+    order = torch.sort(probs, dim=-1, descending=True, stable=True).indices
+    sorted_p = probs.gather(-1, order)
+    before = sorted_p.cumsum(-1) - sorted_p
+    keep_sorted = before < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token ``(b, 1)`` from the last position's logits ``(b, V)``: greedy (argmax) when
+    ``temperature`` <= 0, else a draw from softmax(logits / temperature) restricted to the top-p
+    nucleus (:func:`top_p_keep`) and renormalised, with ``generator`` (CPU)."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = torch.softmax(logits.float().cpu() / float(temperature), -1)
+    probs = torch.where(top_p_keep(probs, top_p), probs, torch.zeros_like(probs))
+    probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).to(logits.device)
+
+
 @torch.no_grad()
 def split_generate(
     client: SplitLlama,
@@ -271,8 +321,13 @@ def split_generate(
     max_new_tokens: int,
     use_cache: bool = True,
     sent: list | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """Greedy generation through the split model (A, C on the client, B on the server).
+    """Generation through the split model (A, C on the client, B on the server): greedy when
+    ``temperature`` <= 0 (the default), else temperature + top-p sampling (the paper: 0.1 and
+    0.95) drawn on the client from a generator seeded with ``seed`` (:func:`next_token`).
 
     With ``use_cache`` both sides keep a KV cache: after the prefill only the new token's hidden
     state ``(b, 1, d)`` and the counts cross each way. Without it, every step sends the whole
@@ -280,6 +335,7 @@ def split_generate(
     client -> server, for tests and byte counts. Returns the new tokens ``(b, max_new_tokens)``.
     """
     counts = torch.as_tensor(counts, dtype=torch.long).clone()
+    gen = torch.Generator().manual_seed(int(seed) % (2**63))
     ids = input_ids
     ca = client.new_cache() if use_cache else None
     cb = server.new_cache() if use_cache else None
@@ -292,7 +348,7 @@ def split_generate(
             sent.append(tuple(h.shape))
         h = server.forward_b(h, counts, offset, cb)
         logits = client.forward_c(h, counts, offset, cc)
-        tok = logits[:, -1, :].argmax(-1, keepdim=True)
+        tok = next_token(logits[:, -1, :], temperature, top_p, gen)
         new.append(tok)
         ids = torch.cat([ids, tok], dim=1)
         counts = counts + 1

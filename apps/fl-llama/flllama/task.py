@@ -27,10 +27,17 @@ from flllama.split import (
     layer_of,
     lm_loss,
     load_lora,
+    private_grad,
+    split_generate,
 )
 from flowerbed.common import config as C
 from flowerbed.common.seeding import derive_seed
 from flowerbed.common.train import get_device
+
+
+def _unit(v) -> bool:
+    return 0 < v <= 1
+
 
 SCHEMA: dict[str, C.Option] = C.compose(
     C.SCHEDULE,
@@ -50,10 +57,29 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "batch-size": C.Option(4, C.positive, "examples per client and step > 0"),
         "max-chars": C.Option(200, C.positive, "characters of the summary in the prompt > 0"),
         "sync-steps": C.Option(5, C.positive, "split steps per round (A/C averaged after) > 0"),
+        "client-lr-scale": C.Option(
+            1.0, C.positive, "A/C learning rate = lr * this (a control; 1 = the paper) > 0"
+        ),
+        "sync-every": C.Option(
+            0, C.non_negative, "A/C also averaged every this many steps in a round (0: no) >= 0"
+        ),
         "sigma": C.Option(0.0, C.non_negative, "hidden-state noise setting >= 0"),
         "noise-mean-abs": C.Option(True, help="true: std = sigma*sqrt(pi/2), E|noise| = sigma"),
+        "grad-dp-clip": C.Option(
+            0.0, C.non_negative, "per-sample L2 clip of dL/dh_B (0: no gradient DP) >= 0"
+        ),
+        "grad-dp-noise": C.Option(
+            0.0, C.non_negative, "gradient DP noise std = this * grad-dp-clip >= 0"
+        ),
         "mask-compression": C.Option(True, help="send non-pad counts instead of 4-D masks"),
         "eval-samples": C.Option(48, C.positive, "test examples of the server-side eval > 0"),
+        "gen-tokens": C.Option(
+            0, C.non_negative, "tokens generated per test prompt for gen_accuracy (0: none) >= 0"
+        ),
+        "temperature": C.Option(
+            0.0, C.non_negative, "generation: 0 = greedy, > 0 = sampling (paper: 0.1) >= 0"
+        ),
+        "top-p": C.Option(0.95, _unit, "generation: top-p nucleus mass in (0, 1] (paper: 0.95)"),
     },
     num_server_rounds=4,
     partitioner="topic",
@@ -66,9 +92,14 @@ def parse_config(run_config) -> C.RunConfig:
     """Validate the run config (one line naming a bad key or value) and resolve ``method``."""
     from flllama.methods import METHODS
 
-    return C.parse(
+    cfg = C.parse(
         run_config, {**SCHEMA, "method": METHODS.option("split-sequential")}, methods=METHODS
     )
+    if cfg["grad-dp-noise"] > 0 and cfg["grad-dp-clip"] <= 0:
+        raise C.ConfigError(
+            f"run config grad-dp-noise={cfg['grad-dp-noise']}: needs grad-dp-clip > 0"
+        )
+    return cfg
 
 
 # ---------------------------------------------------------------------------- models and data
@@ -143,9 +174,13 @@ def _params(model, layers) -> list[torch.nn.Parameter]:
 
 
 # ---------------------------------------------------------------------------- optimizer state
-def adamw(params, cfg, state: ArrayRecord | None = None) -> torch.optim.AdamW:
-    """AdamW over ``params`` (the authors' betas/eps), with its state from a record if any."""
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight-decay"], **ADAM)
+def adamw(
+    params, cfg, state: ArrayRecord | None = None, lr_scale: float = 1.0
+) -> torch.optim.AdamW:
+    """AdamW over ``params`` (the authors' betas/eps, learning rate ``lr * lr_scale``), with its
+    state from a record if any."""
+    lr = cfg["lr"] * lr_scale
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight-decay"], **ADAM)
     if state is not None and len(state):
         sd = opt.state_dict()
         per = {}
@@ -204,12 +239,14 @@ def _block(cfg, state, pid, n, rnd, step, block: str):
     _load_state_lora(model, state)
     s = split_of(cfg, model)
     params = _params(model, s.a_layers if block == "a" else s.c_layers)
-    opt = adamw(params, cfg, state.get(f"opt-{block}"))
+    opt = adamw(params, cfg, state.get(f"opt-{block}"), cfg["client-lr-scale"])
     return model, s, client_batch(cfg, pid, n, rnd, step), params, opt
 
 
 def client_c(cfg, state, pid, n, rnd, step, h_b: np.ndarray) -> tuple[np.ndarray, float]:
-    """Phase 2: C's forward and the loss on h_B, backward, clip, AdamW step on C; dL/dh_B."""
+    """Phase 2: C's forward and the loss on h_B, backward, clip, AdamW step on C; dL/dh_B (with
+    ``grad-dp-clip`` > 0: per-sample clipped and noised, :func:`flllama.split.private_grad`; C's
+    own update uses the exact gradient)."""
     model, s, batch, params, opt = _block(cfg, state, pid, n, rnd, step, "c")
     dev = batch["input_ids"].device
     hb = torch.from_numpy(np.asarray(h_b, dtype=np.float32)).to(dev).requires_grad_(True)
@@ -219,7 +256,14 @@ def client_c(cfg, state, pid, n, rnd, step, h_b: np.ndarray) -> tuple[np.ndarray
     torch.nn.utils.clip_grad_norm_(params, cfg["grad-clip"])
     opt.step()
     _save(state, model, s, "opt-c", opt)
-    return hb.grad.detach().cpu().numpy(), float(loss.item())
+    grad = private_grad(
+        hb.grad.detach(),
+        batch["counts"],
+        cfg["grad-dp-clip"],
+        cfg["grad-dp-noise"],
+        derive_seed(cfg["seed"], pid, rnd, step, 0x6D50),
+    )
+    return grad.cpu().numpy(), float(loss.item())
 
 
 def client_a(cfg, state, pid, n, rnd, step, grad_a: np.ndarray) -> None:
@@ -298,10 +342,44 @@ def _full_model(cfg, arrays: ArrayRecord):
     return model
 
 
+SERVER_PARTITION = 0xFFFF  # the "partition" key of the server-side harness's sampling seeds
+
+
+def sample_seed(seed: int, partition: int, server_round: int, batch: int = 0) -> int:
+    """The generation sampler's seed: a function of (run seed, partition, round) and the batch
+    number only."""
+    return derive_seed(seed, partition, server_round, batch, 0x5A3B)
+
+
+def generated_accuracy(cfg, s: SplitLlama, idx, server_round: int) -> float:
+    """Fraction of the test examples ``idx`` whose ``gen-tokens`` generated tokens (greedy, or
+    sampled at ``temperature`` / ``top-p``) start with the target topic's tokens (compared over
+    min(gen-tokens, target length) tokens)."""
+    hits = 0
+    dev = get_device(cfg["device"])
+    for k, start in enumerate(range(0, len(idx), 16)):
+        b = D.make_prompt_batch(tokenizer(cfg), rows(), idx[start : start + 16], cfg["max-chars"])
+        out = split_generate(
+            s,
+            s,
+            b["input_ids"].to(dev),
+            b["counts"].to(dev),
+            cfg["gen-tokens"],
+            temperature=cfg["temperature"],
+            top_p=cfg["top-p"],
+            seed=sample_seed(cfg["seed"], SERVER_PARTITION, server_round, k),
+        ).cpu()
+        for row, target in zip(out.tolist(), b["targets"], strict=True):
+            n = min(len(row), len(target))
+            hits += int(row[:n] == target[:n])
+    return hits / len(idx)
+
+
 def evaluator(cfg):
     """``evaluate(round, arrays) -> {"loss", "accuracy"}`` on ``eval-samples`` test examples:
     the target loss, and the topic accuracy (argmax over the 12 topics' first tokens after the
-    prompt). An experiment harness: the server assembles A/C (averaged) and B in one process."""
+    prompt); with ``gen-tokens`` > 0 also ``gen_accuracy`` (:func:`generated_accuracy`). An
+    experiment harness: the server assembles A/C (averaged) and B in one process."""
     _, test = D.split(rows())
     idx = np.asarray(test)[:: max(len(test) // cfg["eval-samples"], 1)][: cfg["eval-samples"]]
 
@@ -325,7 +403,10 @@ def evaluator(cfg):
             pick = logits[torch.arange(len(first)), first][:, cand.to(dev)]
             hits += int((pick.argmax(-1).cpu() == b["topic"].cpu()).sum())
             n += len(b["counts"])
-        return {"loss": float(np.sum(losses) / n), "accuracy": hits / n}
+        out = {"loss": float(np.sum(losses) / n), "accuracy": hits / n}
+        if cfg["gen-tokens"] > 0:
+            out["gen_accuracy"] = generated_accuracy(cfg, s, idx, server_round)
+        return out
 
     return evaluate
 

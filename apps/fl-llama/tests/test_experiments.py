@@ -119,6 +119,37 @@ def test_report_ratio_and_bytes_by_hand():
     assert "| 1.0500 |" in text
 
 
+def test_gap_table_pairs_by_clients_and_seed_and_averages_ratios_by_hand():
+    def run(method, loss, k, seed=1, **cfg):
+        r = _run(method, 0.0, True, loss, 10)
+        r["config"].update({"seed": seed, "batch-size": 2, **cfg})
+        first = r["rounds"][1]
+        if method == "centralized":
+            first["train_num-examples"] = k * 3 * 2  # k clients' batches of 2, 3 steps
+        else:
+            first["train_clients"] = k
+        return r
+
+    runs = [
+        run("centralized", 2.0, 2),
+        run("centralized", 4.0, 1),
+        run("centralized", 1.0, 2, seed=2),
+        run("split-sequential", 2.2, 2),
+        run("split-sequential", 4.0, 1),
+        run("split-sequential", 1.3, 2, seed=2),
+        run("split-sequential", 2.1, 2, **{"client-lr-scale": 2.0}),
+        run("split-sequential", 9.0, 3),  # no centralized run with 3 clients: left out
+    ]
+    assert [report.clients(r) for r in runs[:2]] == [2, 1]
+    text = report.gap_table(runs)
+    assert "| 1 | 0 | 1 | 0 / 0 | 1 | 4.0000 | 4.0000 | 1.0000 |" in text
+    assert "| 2 | 0 | 1 | 0 / 0 | 2 | 1.3000 | 1.0000 | 1.3000 |" in text
+    # 2 clients, defaults: ratios 1.1 (seed 1) and 1.3 (seed 2): mean 1.2
+    assert "| 2 | 0 | 1 | 0 / 0 | 2 | 1.2000 | 1.1000 | 1.3000 |" in text
+    assert "| 2 | 0 | 2 | 0 / 0 | 1 | 1.0500 | 1.0500 | 1.0500 |" in text
+    assert "9.0000" not in text
+
+
 # ---------------------------------------------------------------------------- benchmark
 def test_bench_train_seconds_leave_out_round0_and_eval():
     res = {

@@ -38,6 +38,10 @@ def test_bad_key_or_value_is_one_line():
         task.parse_config({"p": 1})
     with pytest.raises(ConfigError, match=r"method='fedavg': must be one of split-sequential"):
         task.parse_config({"method": "fedavg"})
+    with pytest.raises(ConfigError, match=r"^run config grad-dp-noise=1.0: needs grad-dp-clip > 0"):
+        task.parse_config({"grad-dp-noise": 1.0})
+    with pytest.raises(ConfigError, match="top-p"):
+        task.parse_config({"top-p": 0.0})
 
 
 def test_task_is_deterministic_and_split_by_topic():
@@ -129,10 +133,13 @@ def test_split_with_one_client_equals_centralized(tmp_path):
 
 
 def test_noise_changes_training_and_mask_compression_bytes_by_hand(tmp_path):
-    over = {"num-server-rounds": 1, "sync-steps": 2}
+    over = {"num-server-rounds": 1, "sync-steps": 2, "gen-tokens": 2, "temperature": 0.5}
     _, base = _run(tmp_path, "base", **over)
+    assert 0 <= base[1]["server_gen_accuracy"] <= 1  # sampled generation ran in the harness
     _, full = _run(tmp_path, "full", **{**over, "mask-compression": False})
     _, noisy = _run(tmp_path, "noisy", **{**over, "sigma": 0.5})
+    _, dp = _run(tmp_path, "dp", **{**over, "grad-dp-clip": 0.04, "grad-dp-noise": 1.0})
+    assert abs(dp[1]["loss"] - base[1]["loss"]) > 1e-4 and np.isfinite(dp[1]["server_loss"])
     assert full[1]["server_loss"] == pytest.approx(base[1]["server_loss"], abs=1e-6)
     assert abs(noisy[1]["loss"] - base[1]["loss"]) > 1e-4
     # by hand: per forward reply, the 4-D mask (b*L*L float32) and position ids (b*L int64)
@@ -188,3 +195,46 @@ def test_flwr_run_end_to_end(tmp_path):
     rounds = {r["round"]: r for r in rec["rounds"]}
     assert sorted(rounds) == [0, 1] and rounds[1]["steps"] == 2
     assert rounds[1]["phases"]["train.a"]["num_replies"] == 4  # 2 steps x 2 clients
+
+
+def test_client_lr_scale_changes_only_the_clients_a_and_c_optimizers():
+    cfg = task.parse_config({**TINY, "client-lr-scale": 2.0})
+    for block in ("a", "c"):
+        opt = task._block(cfg, {}, 0, 2, 1, 0, block)[4]
+        assert opt.param_groups[0]["lr"] == pytest.approx(2 * TINY["lr"])
+    assert task.TorchServerBlock(cfg).opts[0].param_groups[0]["lr"] == pytest.approx(TINY["lr"])
+    base = task.parse_config(TINY)
+    assert task._block(base, {}, 0, 2, 1, 0, "c")[4].param_groups[0]["lr"] == TINY["lr"]
+
+
+def test_generated_accuracy_counts_prefix_matches_with_seeds_from_seed_partition_round(
+    monkeypatch,
+):
+    """The harness generates through the split model with the run's temperature / top-p and a
+    seed from (seed, partition, round, batch); an example counts when the generated tokens
+    start with its target. A fake generator answers the target for every other example."""
+    cfg = task.parse_config({**TINY, "gen-tokens": 2, "temperature": 0.1, "top-p": 0.9})
+    calls = []
+
+    def fake(client, server, ids, counts, n, temperature, top_p, seed, **_):
+        calls.append((n, temperature, top_p, seed))
+        out = torch.full((len(ids), n), 63)
+        for i in range(0, len(ids), 2):
+            out[i, 0] = answers.pop(0)
+        return out
+
+    idx = np.asarray(D.split(task.rows())[1][:20])
+    tok = task.tokenizer(cfg)
+    targets = [tok.target(task.rows()[int(i)][2]) for i in idx]
+    answers = [t[0] for t in targets[0:16:2]] + [t[0] for t in targets[16:20:2]]
+    monkeypatch.setattr(task, "split_generate", fake)
+    acc = task.generated_accuracy(cfg, None, idx, 3)
+    assert acc == pytest.approx(10 / 20)  # one target token (char tokenizer): 10 of 20 match
+    assert [c[:3] for c in calls] == [(2, 0.1, 0.9)] * 2  # batches of 16 and 4
+    assert [c[3] for c in calls] == [
+        task.sample_seed(42, task.SERVER_PARTITION, 3, k) for k in (0, 1)
+    ]
+    assert (
+        len({task.sample_seed(42, 0, 3), task.sample_seed(42, 1, 3), task.sample_seed(42, 0, 4)})
+        == 3
+    )

@@ -1,6 +1,6 @@
 """FL-LLaMA split model on a tiny random LLaMA (4 layers, hidden 32, vocab 64): split == unsplit
 (loss, gradients, greedy generation), KV cache == no cache, masks rebuilt from counts, the noise
-scale, LoRA averaging by hand."""
+scale, gradient DP by hand, LoRA averaging by hand, top-p / temperature sampling on hand-made logits."""
 
 import copy
 import math
@@ -23,11 +23,14 @@ from flllama.split import (  # noqa: E402
     causal_mask,
     layer_of,
     lm_loss,
+    next_token,
     noise_std,
     padding_mask,
     position_ids,
+    private_grad,
     split_generate,
     split_step,
+    top_p_keep,
     unsplit_generate,
 )
 
@@ -187,3 +190,80 @@ def test_block_lora_and_average_by_hand():
     assert torch.allclose(got["w"], torch.tensor([3.25, 6.5]))
     with pytest.raises(ValueError, match="sum to 0"):
         average_lora([x], [0])
+
+
+# ---------------------------------------------------------------------------- sampling
+PROBS = torch.tensor([[0.05, 0.5, 0.15, 0.3]])  # sorted: 0.5 (1), 0.3 (3), 0.15 (2), 0.05 (0)
+
+
+@pytest.mark.parametrize(
+    "top_p,kept",
+    [(0.3, [1]), (0.5, [1]), (0.6, [1, 3]), (0.75, [1, 3]), (0.9, [1, 3, 2]), (1.0, [0, 1, 2, 3])],
+)
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_p(top_p, kept):
+    """By hand: the nucleus is the smallest set of most probable tokens with mass >= p (0.5
+    alone reaches 0.5; 0.5 + 0.3 = 0.8 reaches 0.6 and 0.75; 0.95 reaches 0.9)."""
+    keep = top_p_keep(PROBS, top_p)
+    assert torch.nonzero(keep[0]).flatten().sort().values.tolist() == sorted(kept)
+
+
+def test_sampling_draws_only_from_the_nucleus_in_proportion():
+    """top-p 0.75 keeps tokens 1 and 3 (0.5, 0.3): renormalised 0.625 / 0.375; temperature 1
+    leaves the probabilities as they are. Fails if the nucleus or the renormalisation is off."""
+    logits = PROBS.log().repeat(4000, 1)
+    tok = next_token(logits, 1.0, 0.75, torch.Generator().manual_seed(0)).flatten()
+    assert set(tok.tolist()) == {1, 3}
+    assert (tok == 1).float().mean().item() == pytest.approx(0.625, abs=0.03)
+    # temperature 0.5 sharpens: p ~ p^2 -> 0.25 / (0.25 + 0.09) = 0.735 for token 1
+    tok = next_token(logits, 0.5, 1.0, torch.Generator().manual_seed(1)).flatten()
+    assert (tok == 1).float().mean().item() == pytest.approx(0.25 / 0.365, abs=0.03)
+
+
+def test_temperature_to_zero_is_greedy_and_same_seed_same_tokens():
+    m = _lora_model(3)
+    ids, _ = _batch()
+    s = SplitLlama(m, 1, 1)
+    greedy = split_generate(s, s, ids, COUNTS, 8)
+    assert torch.equal(split_generate(s, s, ids, COUNTS, 8, temperature=1e-4, top_p=0.95), greedy)
+    logits = torch.randn(50, 64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(next_token(logits, 1e-4, 0.95, torch.Generator()), logits.argmax(-1, True))
+    a = split_generate(s, s, ids, COUNTS, 8, temperature=1.5, top_p=0.95, seed=7)
+    b = split_generate(s, s, ids, COUNTS, 8, temperature=1.5, top_p=0.95, seed=7, use_cache=False)
+    c = split_generate(s, s, ids, COUNTS, 8, temperature=1.5, top_p=0.95, seed=8)
+    assert torch.equal(a, b)  # same seed, same tokens (with or without the cache)
+    assert not torch.equal(a, c) and not torch.equal(a, greedy)
+
+
+# ---------------------------------------------------------------------------- gradient DP
+def test_private_grad_clips_each_sample_by_hand():
+    """Per-sample norms 0.02, 0.5 and 0.08 with clip 0.04: sample 0 untouched, samples 1 and 2
+    scaled to norm 0.04 (by 0.08 and 0.5); no noise at multiplier 0; clip 0 = off."""
+    g = torch.zeros(3, 2, 2)
+    g[0, 1] = torch.tensor([0.012, 0.016])  # norm 0.02
+    g[1, 0] = torch.tensor([0.3, 0.4])  # norm 0.5
+    g[2, 1] = torch.tensor([0.0, 0.08])  # norm 0.08
+    out = private_grad(g, torch.tensor([2, 2, 1]), 0.04, 0.0, seed=0)
+    torch.testing.assert_close(out[0], g[0])
+    torch.testing.assert_close(out[1, 0], torch.tensor([0.024, 0.032]))
+    torch.testing.assert_close(out[2, 1], torch.tensor([0.0, 0.04]))
+    assert (out.flatten(1).norm(dim=1) <= 0.04 + 1e-7).all()
+    assert private_grad(g, torch.tensor([2, 2, 1]), 0.0, 1.0, seed=0) is g
+
+
+def test_private_grad_noise_std_is_multiplier_times_clip_at_real_positions():
+    """Clip 0.04, multiplier 1.5: noise std 0.06 on the real positions, none on the pads; the
+    sample's clipped gradient underneath; seeded. Fails if the noise is dropped or its scale
+    (sigma * C) changed, or if the clip is skipped."""
+    b, length, d = 4, 10, 300
+    counts = torch.tensor([10, 6, 3, 8])
+    g = torch.zeros(b, length, d)
+    g[:, -1, 0] = 2.0  # norm 2 each: clipped to 0.04
+    out = private_grad(g, counts, 0.04, 1.5, seed=3)
+    real = padding_mask(counts, length).bool()
+    clean = private_grad(g, counts, 0.04, 0.0, seed=3)
+    noise = out - clean
+    assert noise[real].std().item() == pytest.approx(0.06, rel=0.02)
+    assert noise[~real].abs().max().item() == 0.0
+    assert clean[:, -1, 0].tolist() == pytest.approx([0.04] * b)
+    assert torch.equal(private_grad(g, counts, 0.04, 1.5, seed=3), out)
+    assert not torch.equal(private_grad(g, counts, 0.04, 1.5, seed=4), out)
