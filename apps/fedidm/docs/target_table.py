@@ -2,9 +2,10 @@
 method and one malicious fraction, per attack the final accuracy of each seed, mean ± std over
 seeds, and the gap to the no-attack run of the same seed, from every ``results.json`` below the
 given folders (the no-attack runs may sit in another folder: the attack fraction does not
-change a run without attack).
+change a run without attack, except Krum's / Bulyan's f). METHOD may be a comma-separated list
+(one block of rows per method); only the seeds with an attacked run get a column.
 
-    .venv/bin/python apps/fedidm/docs/target_table.py METHOD FRACTION FOLDER [FOLDER ...]
+    .venv/bin/python apps/fedidm/docs/target_table.py METHOD[,METHOD...] FRACTION FOLDER [FOLDER ...]
 
 Reads only; runs nothing.
 """
@@ -41,17 +42,28 @@ def cells(method: str, fraction: float, folders: list[str]):
     return acc, clean, commits
 
 
-def table(method: str, fraction: float, folders: list[str]) -> list[str]:
-    acc, clean, commits = cells(method, fraction, folders)
-    seeds = sorted({s for per in acc.values() for s in per} | set(clean))
+def table(methods: str, fraction: float, folders: list[str]) -> list[str]:
+    blocks = {m: cells(m, fraction, folders) for m in methods.split(",")}
+    seeds = sorted({s for acc, _, _ in blocks.values() for per in acc.values() for s in per})
     head = " | ".join(f"seed {s}" for s in seeds)
     out = [
-        f"{method}, {fraction:.0%} malicious; no attack: "
-        + ", ".join(f"seed {s} {clean[s]:.4f}" for s in sorted(clean))
-        + f"; runs' commits {', '.join(sorted(commits))}",
-        f"| attack | {head} | mean ± std | gap to no attack per seed (points) | mean gap |",
-        "|---|" + "---|" * len(seeds) + "---|---|---|",
+        f"{fraction:.0%} malicious; runs' commits "
+        + ", ".join(sorted(set().union(*(c for _, _, c in blocks.values())))),
+        f"| method | attack | {head} | mean ± std | gap to no attack per seed (points) | mean gap |",
+        "|---|---|" + "---|" * len(seeds) + "---|---|---|",
     ]
+    for method, (acc, clean, _) in blocks.items():
+        out.append(
+            f"| {method} | none | "
+            + " | ".join(f"{clean[s]:.4f}" if s in clean else "–" for s in seeds)
+            + " | | | |"
+        )
+        out += _rows(method, acc, clean, seeds)
+    return out
+
+
+def _rows(method, acc, clean, seeds) -> list[str]:
+    out = []
     for attack in ATTACKS:
         per = acc.get(attack)
         if not per:
@@ -63,7 +75,7 @@ def table(method: str, fraction: float, folders: list[str]) -> list[str]:
         flag = [f"**{g:+.1f}**" if g < -3 else f"{g:+.1f}" for g in gaps.values()]
         mean_gap = float(np.mean(list(gaps.values()))) if gaps else float("nan")
         out.append(
-            f"| {attack} | {' | '.join(row)} | {np.mean(vals):.4f} ± {std:.4f} | "
+            f"| {method} | {attack} | {' | '.join(row)} | {np.mean(vals):.4f} ± {std:.4f} | "
             f"{' / '.join(flag) or '–'} | {mean_gap:+.1f} |"
         )
     return out
