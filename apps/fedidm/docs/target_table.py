@@ -2,7 +2,7 @@
 method and one malicious fraction, per attack the final accuracy of each seed, mean ± std over
 seeds, and the gap to the no-attack run of the same seed, from every ``results.json`` below the
 given folders (the no-attack runs may sit in another folder: the attack fraction does not
-change a run without attack, except Krum's / Bulyan's f). METHOD may be a comma-separated list
+change a run without attack: Krum, MultiKrum and Bulyan get f = 0 when ``attack=none``). METHOD may be a comma-separated list
 (one block of rows per method); only the seeds with an attacked run get a column.
 
     .venv/bin/python apps/fedidm/docs/target_table.py METHOD[,METHOD...] FRACTION FOLDER [FOLDER ...]
