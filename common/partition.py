@@ -13,6 +13,10 @@ run-config key ``partitioner`` takes any registered name. Built in:
 ``pathological``   :class:`flwr_datasets.partitioner.PathologicalPartitioner`
                    (``classes_per_partition``)
 ``shard``          :class:`flwr_datasets.partitioner.ShardPartitioner` (``shards_per_partition``)
+``label-dirichlet`` :class:`flowerbed.common.label_dirichlet.LabelDirichletPartitioner`: equal-size clients, each with its own
+                   label mix drawn from Dir(``alpha`` x class prior) (Yuan et al., ICLR 2022,
+                   the authors' label-based synthesis), on
+                   :class:`flwr_datasets.partitioner.InnerDirichletPartitioner`
 ``semantic``       :class:`flowerbed.common.semantic.SemanticPartitioner` (Yuan et al., ICLR
                    2022: per-label Gaussian mixtures on embeddings, matched across labels);
                    it reads the data itself, so callers pass :func:`data_options`
@@ -111,6 +115,13 @@ def _shard(num_partitions: int, seed: int, **kw):
         num_shards_per_partition=int(kw.get("shards_per_partition", 2)),
         seed=seed,
     )
+
+
+@register_partitioner("label-dirichlet")
+def _label_dirichlet(num_partitions: int, seed: int, **kw):
+    from flowerbed.common.label_dirichlet import LabelDirichletPartitioner
+
+    return LabelDirichletPartitioner(num_partitions, alpha=float(kw.get("alpha", 0.5)), seed=seed)
 
 
 #: partitioners that need the dataset itself (its features), not only the labels
