@@ -20,6 +20,7 @@ run-config key ``partitioner`` takes any registered name. Built in:
 ``semantic``       :class:`flowerbed.common.semantic.SemanticPartitioner` (Yuan et al., ICLR
                    2022: per-label Gaussian mixtures on embeddings, matched across labels);
                    it reads the data itself, so callers pass :func:`data_options`
+``semantic-cnn``   the same with a small CNN embedder instead of the MLP
 
 A factory gets ``(num_partitions, seed, **options)`` (every option the caller passed: ``alpha``,
 ``classes_per_partition``, an app's own) and returns a partitioner; it ignores the options it
@@ -125,7 +126,7 @@ def _label_dirichlet(num_partitions: int, seed: int, **kw):
 
 
 #: partitioners that need the dataset itself (its features), not only the labels
-DATA_AWARE: set[str] = {"semantic"}
+DATA_AWARE: set[str] = {"semantic", "semantic-cnn"}
 
 
 def data_options(scheme: str, dataset: str, data_dir: str | None = "") -> dict:
@@ -245,4 +246,11 @@ def _semantic(num_partitions: int, seed: int, **kw):
     return semantic_factory(num_partitions, seed, **kw)
 
 
+def _semantic_cnn(num_partitions: int, seed: int, **kw):
+    from flowerbed.common.semantic import semantic_factory
+
+    return semantic_factory(num_partitions, seed, embedder="cnn", **kw)
+
+
 register_partitioner("semantic", _semantic)
+register_partitioner("semantic-cnn", _semantic_cnn)

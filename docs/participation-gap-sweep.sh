@@ -10,7 +10,7 @@
 #   CLIENTS=100 ALPHAS=0.5 bash docs/participation-gap-sweep.sh dir-low   # 100 clients, one alpha
 #
 # Groups: dir-low (Dirichlet alpha 0.1 and 0.5, or ALPHAS), dir-100 (alpha 100), iid-sem (IID,
-# semantic), sem, iid, label-dir (the authors' equal-size label-Dirichlet, ALPHAS default 0.1).
+# semantic), sem, sem-cnn (semantic with the CNN embedder), iid, label-dir (the authors' equal-size label-Dirichlet, ALPHAS default 0.1).
 # Runs take 35-60 s each on 2 cores; on the shared build machine each group was run as its own
 # command (each under 8 minutes).
 set -euo pipefail
@@ -32,7 +32,8 @@ for g in "${groups[@]}"; do
     dir-100) "$RUN" -m "${COMMON[@]}" partitioner=dirichlet ++run_config.alpha=100 ;;
     iid-sem) "$RUN" -m "${COMMON[@]}" partitioner=iid,semantic ;;
     sem) "$RUN" -m "${COMMON[@]}" partitioner=semantic ;;
+    sem-cnn) "$RUN" -m "${COMMON[@]}" partitioner=semantic-cnn ;;
     iid) "$RUN" -m "${COMMON[@]}" partitioner=iid ;;
-    *) echo "unknown group $g (dir-low, dir-100, iid-sem, sem, iid, label-dir)" >&2; exit 2 ;;
+    *) echo "unknown group $g (dir-low, dir-100, iid-sem, sem, sem-cnn, iid, label-dir)" >&2; exit 2 ;;
   esac
 done
