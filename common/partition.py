@@ -21,6 +21,7 @@ run-config key ``partitioner`` takes any registered name. Built in:
                    2022: per-label Gaussian mixtures on embeddings, matched across labels);
                    it reads the data itself, so callers pass :func:`data_options`
 ``semantic-cnn``   the same with a small CNN embedder instead of the MLP
+``semantic-pixels`` the same on PCA of the raw pixels (no embedding network)
 
 A factory gets ``(num_partitions, seed, **options)`` (every option the caller passed: ``alpha``,
 ``classes_per_partition``, an app's own) and returns a partitioner; it ignores the options it
@@ -126,7 +127,7 @@ def _label_dirichlet(num_partitions: int, seed: int, **kw):
 
 
 #: partitioners that need the dataset itself (its features), not only the labels
-DATA_AWARE: set[str] = {"semantic", "semantic-cnn"}
+DATA_AWARE: set[str] = {"semantic", "semantic-cnn", "semantic-pixels"}
 
 
 def data_options(scheme: str, dataset: str, data_dir: str | None = "") -> dict:
@@ -254,3 +255,12 @@ def _semantic_cnn(num_partitions: int, seed: int, **kw):
 
 register_partitioner("semantic", _semantic)
 register_partitioner("semantic-cnn", _semantic_cnn)
+
+
+def _semantic_pixels(num_partitions: int, seed: int, **kw):
+    from flowerbed.common.semantic import semantic_factory
+
+    return semantic_factory(num_partitions, seed, embedder="pixels", **kw)
+
+
+register_partitioner("semantic-pixels", _semantic_pixels)

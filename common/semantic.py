@@ -6,7 +6,7 @@ and the authors' code (google-research/federated, ``generalization/synthesizatio
 
 1. embed every example with a network trained on other data (the paper: an ImageNet
    EfficientNet; here :func:`embeddings`: a small MLP, or a small CNN for ``semantic-cnn``,
-   trained on the dataset's *test* split, which the partitioned train split never sees,
+   trained on the dataset's *test* split (``semantic-pixels``: PCA of the raw pixels), which the partitioned train split never sees,
    cached under ``$FLOWERBED_CACHE/semantic``);
 2. for each label, fit a Gaussian mixture with one component per client (scikit-learn's
    ``GaussianMixture``, diagonal covariance, ``reg_covar = 1e-4``, seeded) and assign every
@@ -182,7 +182,7 @@ class SemanticPartitioner(Partitioner):
 
 # ----------------------------------------------------------------------------- embeddings
 #: the embedders :func:`embeddings` can train (``mlp`` is the default of ``semantic``)
-EMBEDDERS = ("mlp", "cnn")
+EMBEDDERS = ("mlp", "cnn", "pixels")
 
 
 def embeddings(
@@ -199,7 +199,7 @@ def embeddings(
     train split, and PCA (fit on the train embeddings) reduces it to ``dim`` dimensions.
     ``embedder``: ``mlp`` (``input -> 256 -> 64 -> classes``; the 64 units) or ``cnn`` (two
     3x3 conv + 2x2 max-pool blocks, 32 and 64 channels, then ``-> 128 -> classes``; the 128
-    units). Built once per (dataset, data_dir, dim, epochs, embedder) into
+    units); ``pixels``: no network, PCA of the raw inputs. Built once per (dataset, data_dir, dim, epochs, embedder) into
     ``$FLOWERBED_CACHE/semantic/`` (``python -m flowerbed.common.semantic <dataset> [cnn]``
     builds it ahead of a run), printing its progress.
     """
@@ -250,12 +250,14 @@ def _build_embeddings(
     dataset: str, data_dir: str | None, dim: int, epochs: int, embedder: str = "mlp"
 ) -> np.ndarray:
     import torch
-    from sklearn.decomposition import PCA
     from torch import nn
 
     bundle = load_dataset(dataset, data_dir, mmap=True)
     if bundle.kind != "classification":
         raise DataError(f"semantic partitioner: {dataset!r} has no integer labels")
+    if embedder == "pixels":  # no network: PCA of the raw inputs
+        h = np.asarray(bundle.x_train, dtype=np.float32).reshape(len(bundle.x_train), -1)
+        return _pca(h, dim, dataset)
     if embedder == "cnn" and len(bundle.input_shape) != 3:
         raise DataError(
             f"semantic embedder 'cnn' needs (C, H, W) images, {dataset!r} has "
@@ -290,6 +292,13 @@ def _build_embeddings(
         h = np.concatenate(
             [body(torch.from_numpy(xtr[i : i + 4096])).numpy() for i in range(0, len(xtr), 4096)]
         )
+    return _pca(h, dim, dataset)
+
+
+def _pca(h: np.ndarray, dim: int, dataset: str) -> np.ndarray:
+    """``h`` mean-centred and reduced to ``dim`` principal components (float32)."""
+    from sklearn.decomposition import PCA
+
     dim = min(dim, h.shape[1])
     z = PCA(n_components=dim, random_state=0).fit_transform(h - h.mean(0))
     print(f"[semantic] embedded {len(z)} examples of {dataset} into {dim} dims", flush=True)
@@ -300,7 +309,8 @@ def semantic_factory(
     num_partitions: int, seed: int, embedder: str = "mlp", **kw
 ) -> SemanticPartitioner:
     """Factory of the registered partitioners ``semantic`` (``embedder="mlp"``) and
-    ``semantic-cnn`` (``embedder="cnn"``); needs ``dataset``."""
+    ``semantic-cnn`` / ``semantic-pixels`` (``embedder="cnn"`` / ``"pixels"``); needs
+    ``dataset``."""
     if not kw.get("dataset"):
         name = "semantic" if embedder == "mlp" else f"semantic-{embedder}"
         raise DataError(

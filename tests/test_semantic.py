@@ -153,3 +153,20 @@ def test_semantic_mlp_cache_key_unchanged(tmp_path, monkeypatch):
     embeddings("digits")
     tag = hashlib.sha1(b"digits||32|5|v1").hexdigest()[:10]
     assert (tmp_path / "semantic" / f"digits-{tag}.npy").exists()
+
+
+def test_semantic_pixels_is_pca_of_the_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWERBED_CACHE", str(tmp_path))
+    from sklearn.decomposition import PCA
+
+    from flowerbed.common.data import load_dataset
+    from flowerbed.common.semantic import embeddings
+
+    bundle = load_dataset("digits")
+    x = bundle.x_train.reshape(len(bundle.x_train), -1).astype(np.float32)
+    want = PCA(n_components=32, random_state=0).fit_transform(x - x.mean(0))
+    np.testing.assert_allclose(embeddings("digits", embedder="pixels"), want, atol=1e-4)
+    opts = data_options("semantic-pixels", "digits")
+    parts = partition_indices(bundle.hard_labels, 4, "semantic-pixels", seed=3, **opts)
+    hist = np.stack([np.bincount(bundle.y_train[p], minlength=10) for p in parts])
+    assert (hist > 0).all()
