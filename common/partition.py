@@ -13,9 +13,15 @@ run-config key ``partitioner`` takes any registered name. Built in:
 ``pathological``   :class:`flwr_datasets.partitioner.PathologicalPartitioner`
                    (``classes_per_partition``)
 ``shard``          :class:`flwr_datasets.partitioner.ShardPartitioner` (``shards_per_partition``)
+``label-dirichlet`` :class:`flowerbed.common.label_dirichlet.LabelDirichletPartitioner`: equal-size clients, each with its own
+                   label mix drawn from Dir(``alpha`` x class prior) (Yuan et al., ICLR 2022,
+                   the authors' label-based synthesis), on
+                   :class:`flwr_datasets.partitioner.InnerDirichletPartitioner`
 ``semantic``       :class:`flowerbed.common.semantic.SemanticPartitioner` (Yuan et al., ICLR
                    2022: per-label Gaussian mixtures on embeddings, matched across labels);
                    it reads the data itself, so callers pass :func:`data_options`
+``semantic-cnn``   the same with a small CNN embedder instead of the MLP
+``semantic-pixels`` the same on PCA of the raw pixels (no embedding network)
 
 A factory gets ``(num_partitions, seed, **options)`` (every option the caller passed: ``alpha``,
 ``classes_per_partition``, an app's own) and returns a partitioner; it ignores the options it
@@ -113,8 +119,15 @@ def _shard(num_partitions: int, seed: int, **kw):
     )
 
 
+@register_partitioner("label-dirichlet")
+def _label_dirichlet(num_partitions: int, seed: int, **kw):
+    from flowerbed.common.label_dirichlet import LabelDirichletPartitioner
+
+    return LabelDirichletPartitioner(num_partitions, alpha=float(kw.get("alpha", 0.5)), seed=seed)
+
+
 #: partitioners that need the dataset itself (its features), not only the labels
-DATA_AWARE: set[str] = {"semantic"}
+DATA_AWARE: set[str] = {"semantic", "semantic-cnn", "semantic-pixels"}
 
 
 def data_options(scheme: str, dataset: str, data_dir: str | None = "") -> dict:
@@ -234,4 +247,20 @@ def _semantic(num_partitions: int, seed: int, **kw):
     return semantic_factory(num_partitions, seed, **kw)
 
 
+def _semantic_cnn(num_partitions: int, seed: int, **kw):
+    from flowerbed.common.semantic import semantic_factory
+
+    return semantic_factory(num_partitions, seed, embedder="cnn", **kw)
+
+
 register_partitioner("semantic", _semantic)
+register_partitioner("semantic-cnn", _semantic_cnn)
+
+
+def _semantic_pixels(num_partitions: int, seed: int, **kw):
+    from flowerbed.common.semantic import semantic_factory
+
+    return semantic_factory(num_partitions, seed, embedder="pixels", **kw)
+
+
+register_partitioner("semantic-pixels", _semantic_pixels)

@@ -5,8 +5,9 @@ Yuan et al., "What Do We Mean by Generalization in Federated Learning?", ICLR 20
 and the authors' code (google-research/federated, ``generalization/synthesization``):
 
 1. embed every example with a network trained on other data (the paper: an ImageNet
-   EfficientNet; here :func:`embeddings`: a small MLP trained on the dataset's *test* split,
-   which the partitioned train split never sees, cached under ``$FLOWERBED_CACHE/semantic``);
+   EfficientNet; here :func:`embeddings`: a small MLP, or a small CNN for ``semantic-cnn``,
+   trained on the dataset's *test* split (``semantic-pixels``: PCA of the raw pixels), which the partitioned train split never sees,
+   cached under ``$FLOWERBED_CACHE/semantic``);
 2. for each label, fit a Gaussian mixture with one component per client (scikit-learn's
    ``GaussianMixture``, diagonal covariance, ``reg_covar = 1e-4``, seeded) and assign every
    example of the label to its most likely component;
@@ -180,23 +181,38 @@ class SemanticPartitioner(Partitioner):
 
 
 # ----------------------------------------------------------------------------- embeddings
+#: the embedders :func:`embeddings` can train (``mlp`` is the default of ``semantic``)
+EMBEDDERS = ("mlp", "cnn", "pixels")
+
+
 def embeddings(
-    dataset: str, data_dir: str | None = None, dim: int = 32, epochs: int = 5
+    dataset: str,
+    data_dir: str | None = None,
+    dim: int = 32,
+    epochs: int = 5,
+    embedder: str = "mlp",
 ) -> np.ndarray:
     """Features of ``dataset``'s train split, ``(n_train, dim)`` float32, cached on disk.
 
-    A small MLP (``input -> 256 -> 64 -> classes``) is trained for ``epochs`` epochs on the
-    dataset's test split (held out from the train split that gets partitioned; seed fixed),
-    its 64-unit hidden layer embeds the train split, and PCA (fit on the train embeddings)
-    reduces it to ``dim`` dimensions. Built once per (dataset, data_dir, dim, epochs) into
-    ``$FLOWERBED_CACHE/semantic/`` (``python -m flowerbed.common.semantic <dataset>`` builds it
-    ahead of a run), printing its progress.
+    A small network is trained for ``epochs`` epochs on the dataset's test split (held out
+    from the train split that gets partitioned; seed fixed), its last hidden layer embeds the
+    train split, and PCA (fit on the train embeddings) reduces it to ``dim`` dimensions.
+    ``embedder``: ``mlp`` (``input -> 256 -> 64 -> classes``; the 64 units) or ``cnn`` (two
+    3x3 conv + 2x2 max-pool blocks, 32 and 64 channels, then ``-> 128 -> classes``; the 128
+    units); ``pixels``: no network, PCA of the raw inputs. Built once per (dataset, data_dir, dim, epochs, embedder) into
+    ``$FLOWERBED_CACHE/semantic/`` (``python -m flowerbed.common.semantic <dataset> [cnn]``
+    builds it ahead of a run), printing its progress.
     """
-    tag = hashlib.sha1(f"{dataset}|{data_dir or ''}|{dim}|{epochs}|v1".encode()).hexdigest()[:10]
+    if embedder not in EMBEDDERS:
+        raise DataError(f"semantic embedder {embedder!r}: must be one of {', '.join(EMBEDDERS)}")
+    key = f"{dataset}|{data_dir or ''}|{dim}|{epochs}|v1"  # the mlp's key, as before
+    if embedder != "mlp":
+        key += f"|{embedder}"
+    tag = hashlib.sha1(key.encode()).hexdigest()[:10]
     path = cache_dir() / "semantic" / f"{dataset.replace('/', '_')}-{tag}.npy"
     if path.exists():
         return np.load(path)
-    z = _build_embeddings(dataset, data_dir, dim, epochs)
+    z = _build_embeddings(dataset, data_dir, dim, epochs, embedder)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, z)
@@ -204,22 +220,55 @@ def embeddings(
     return z
 
 
-def _build_embeddings(dataset: str, data_dir: str | None, dim: int, epochs: int) -> np.ndarray:
+def _embedder_body(embedder: str, input_shape: tuple[int, ...]):
+    """The embedding network without its classification head, and its output width."""
+    from torch import nn
+
+    if embedder == "mlp":
+        d_in = int(np.prod(input_shape))
+        body = nn.Sequential(
+            nn.Flatten(), nn.Linear(d_in, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU()
+        )
+        return body, 64
+    channels, height, width = input_shape
+    flat = 64 * (height // 4) * (width // 4)
+    body = nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, 128),
+        nn.ReLU(),
+    )
+    return body, 128
+
+
+def _build_embeddings(
+    dataset: str, data_dir: str | None, dim: int, epochs: int, embedder: str = "mlp"
+) -> np.ndarray:
     import torch
-    from sklearn.decomposition import PCA
     from torch import nn
 
     bundle = load_dataset(dataset, data_dir, mmap=True)
     if bundle.kind != "classification":
         raise DataError(f"semantic partitioner: {dataset!r} has no integer labels")
+    if embedder == "pixels":  # no network: PCA of the raw inputs
+        h = np.asarray(bundle.x_train, dtype=np.float32).reshape(len(bundle.x_train), -1)
+        return _pca(h, dim, dataset)
+    if embedder == "cnn" and len(bundle.input_shape) != 3:
+        raise DataError(
+            f"semantic embedder 'cnn' needs (C, H, W) images, {dataset!r} has "
+            f"inputs of shape {bundle.input_shape}"
+        )
     torch.manual_seed(derive_seed(0, 0x5E3A))
-    d_in = int(np.prod(bundle.input_shape))
-    body = nn.Sequential(
-        nn.Flatten(), nn.Linear(d_in, 256), nn.ReLU(), nn.Linear(256, 64), nn.ReLU()
-    )
-    net = nn.Sequential(body, nn.Linear(64, bundle.num_classes))
+    body, width = _embedder_body(embedder, tuple(bundle.input_shape))
+    net = nn.Sequential(body, nn.Linear(width, bundle.num_classes))
+    shape = (-1,) if embedder == "mlp" else tuple(bundle.input_shape)
     x = torch.from_numpy(
-        np.asarray(bundle.x_test, dtype=np.float32).reshape(len(bundle.x_test), -1)
+        np.asarray(bundle.x_test, dtype=np.float32).reshape(len(bundle.x_test), *shape)
     )
     y = torch.from_numpy(np.asarray(bundle.y_test, dtype=np.int64))
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -235,32 +284,47 @@ def _build_embeddings(dataset: str, data_dir: str | None, dim: int, epochs: int)
             opt.step()
             total += float(loss) * len(b)
         print(
-            f"[semantic] embedder epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}", flush=True
+            f"[semantic] {embedder} embedder epoch {epoch + 1}/{epochs}: loss {total / len(x):.4f}",
+            flush=True,
         )
-    xtr = np.asarray(bundle.x_train, dtype=np.float32).reshape(len(bundle.x_train), -1)
+    xtr = np.asarray(bundle.x_train, dtype=np.float32).reshape(len(bundle.x_train), *shape)
     with torch.no_grad():
         h = np.concatenate(
             [body(torch.from_numpy(xtr[i : i + 4096])).numpy() for i in range(0, len(xtr), 4096)]
         )
+    return _pca(h, dim, dataset)
+
+
+def _pca(h: np.ndarray, dim: int, dataset: str) -> np.ndarray:
+    """``h`` mean-centred and reduced to ``dim`` principal components (float32)."""
+    from sklearn.decomposition import PCA
+
     dim = min(dim, h.shape[1])
     z = PCA(n_components=dim, random_state=0).fit_transform(h - h.mean(0))
     print(f"[semantic] embedded {len(z)} examples of {dataset} into {dim} dims", flush=True)
     return z.astype(np.float32)
 
 
-def semantic_factory(num_partitions: int, seed: int, **kw) -> SemanticPartitioner:
-    """Factory of the registered partitioner ``semantic`` (needs ``dataset``)."""
+def semantic_factory(
+    num_partitions: int, seed: int, embedder: str = "mlp", **kw
+) -> SemanticPartitioner:
+    """Factory of the registered partitioners ``semantic`` (``embedder="mlp"``) and
+    ``semantic-cnn`` / ``semantic-pixels`` (``embedder="cnn"`` / ``"pixels"``); needs
+    ``dataset``."""
     if not kw.get("dataset"):
+        name = "semantic" if embedder == "mlp" else f"semantic-{embedder}"
         raise DataError(
-            "partitioner 'semantic' needs the dataset: pass "
-            "**flowerbed.common.partition.data_options('semantic', dataset, data_dir)"
+            f"partitioner {name!r} needs the dataset: pass "
+            f"**flowerbed.common.partition.data_options({name!r}, dataset, data_dir)"
         )
     dataset, data_dir = kw["dataset"], kw.get("data_dir") or None
-    return SemanticPartitioner(num_partitions, lambda: embeddings(dataset, data_dir), seed=seed)
+    return SemanticPartitioner(
+        num_partitions, lambda: embeddings(dataset, data_dir, embedder=embedder), seed=seed
+    )
 
 
 if __name__ == "__main__":  # build the embeddings ahead of a run
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "fashion_mnist"
-    print(embeddings(name).shape)
+    print(embeddings(name, embedder=sys.argv[2] if len(sys.argv) > 2 else "mlp").shape)

@@ -10,7 +10,8 @@
 #   CLIENTS=100 ALPHAS=0.5 bash docs/participation-gap-sweep.sh dir-low   # 100 clients, one alpha
 #
 # Groups: dir-low (Dirichlet alpha 0.1 and 0.5, or ALPHAS), dir-100 (alpha 100), iid-sem (IID,
-# semantic), sem, iid.
+# semantic), sem, sem-cnn / sem-pix (semantic
+# with the CNN embedder / on PCA of the pixels), iid, label-dir (the authors' equal-size label-Dirichlet, ALPHAS default 0.1).
 # Runs take 35-60 s each on 2 cores; on the shared build machine each group was run as its own
 # command (each under 8 minutes).
 set -euo pipefail
@@ -28,10 +29,13 @@ groups=("$@")
 for g in "${groups[@]}"; do
   case "$g" in
     dir-low) "$RUN" -m "${COMMON[@]}" partitioner=dirichlet ++run_config.alpha="${ALPHAS:-0.1,0.5}" ;;
+    label-dir) "$RUN" -m "${COMMON[@]}" partitioner=label-dirichlet ++run_config.alpha="${ALPHAS:-0.1}" ;;
     dir-100) "$RUN" -m "${COMMON[@]}" partitioner=dirichlet ++run_config.alpha=100 ;;
     iid-sem) "$RUN" -m "${COMMON[@]}" partitioner=iid,semantic ;;
     sem) "$RUN" -m "${COMMON[@]}" partitioner=semantic ;;
+    sem-cnn) "$RUN" -m "${COMMON[@]}" partitioner=semantic-cnn ;;
+    sem-pix) "$RUN" -m "${COMMON[@]}" partitioner=semantic-pixels ;;
     iid) "$RUN" -m "${COMMON[@]}" partitioner=iid ;;
-    *) echo "unknown group $g (dir-low, dir-100, iid-sem, sem, iid)" >&2; exit 2 ;;
+    *) echo "unknown group $g (dir-low, dir-100, iid-sem, sem, sem-cnn, sem-pix, iid, label-dir)" >&2; exit 2 ;;
   esac
 done

@@ -58,7 +58,7 @@ def partition_name(config: dict) -> str:
     """``dirichlet a=0.1`` for a Dirichlet run, else the partitioner's name; ``/N`` clients
     when not 20."""
     name = str(config["partitioner"])
-    if name == "dirichlet":
+    if name in ("dirichlet", "label-dirichlet"):
         name = f"{name} a={config['alpha']}"
     return name
 

@@ -4,7 +4,11 @@ symlinked to this worktree); each mutation is applied to the copy, the copy of
 ``tests/test_participation.py`` run, the file restored. A mutation is "caught" when the test
 file fails. The worktree itself is never changed (runs may be going on beside it).
 
-    /work/bin/cpu-slot .venv/bin/python docs/participation_gap_mutations.py
+    /work/bin/cpu-slot .venv/bin/python docs/participation_gap_mutations.py [NAME-PART ...]
+
+(with arguments: only the mutations whose name contains one of them, e.g. ``label-dirichlet
+semantic``; those run their own test file, ``tests/test_partition.py`` or
+``tests/test_semantic.py``)
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ TEST = SHIM / "tests" / "test_participation.py"
 PART = "flowerbed/common/participation.py"
 TRAIN = "flowerbed/common/train.py"
 DOCS = "docs/participation_gap_clients.py"
+LDIR = "flowerbed/common/label_dirichlet.py"
+SEM = "flowerbed/common/semantic.py"
+PTEST = "tests/test_partition.py"
+STEST = "tests/test_semantic.py"
 M = [
     # (name, file, old, new)
     ("weighted mean: / sum(n) -> / clients", PART, "/ w.sum())", "/ len(w))"),
@@ -82,6 +90,43 @@ M = [
         "(np.abs(perm) >= abs(gap) - 1e-12)",
         "(np.abs(perm) <= abs(gap) - 1e-12)",
     ),
+    # label-based synthesis and the semantic embedder option (their own test files)
+    (
+        "label-dirichlet: concentration alpha / prior",
+        LDIR,
+        "self.alpha * counts / n",
+        "self.alpha * n / counts",
+        PTEST,
+    ),
+    (
+        "label-dirichlet: concentration not x alpha",
+        LDIR,
+        "self.alpha * counts / n",
+        "counts / n",
+        PTEST,
+    ),
+    ("label-dirichlet: remainder dropped", LDIR, "sizes[: n % c] += 1", "pass", PTEST),
+    (
+        "label-dirichlet: no floor",
+        LDIR,
+        "np.maximum(self._rng.dirichlet(alpha, size), FLOOR)",
+        "self._rng.dirichlet(alpha, size)",
+        PTEST,
+    ),
+    (
+        "semantic-cnn: factory ignores the embedder",
+        SEM,
+        "lambda: embeddings(dataset, data_dir, embedder=embedder)",
+        "lambda: embeddings(dataset, data_dir)",
+        STEST,
+    ),
+    (
+        "semantic: embedder in the mlp cache key",
+        SEM,
+        'if embedder != "mlp":\n        key +=',
+        "if True:\n        key +=",
+        STEST,
+    ),
 ]
 
 
@@ -92,7 +137,7 @@ def build_shim() -> None:
     no_cache = shutil.ignore_patterns("__pycache__")
     shutil.copytree(REPO / "common", PKG / "common", ignore=no_cache)  # makes PKG too
     (PKG / "__init__.py").touch()
-    for rel in ("tests/test_participation.py", DOCS):
+    for rel in ("tests/test_participation.py", PTEST, STEST, DOCS):
         (SHIM / rel).parent.mkdir(exist_ok=True)
         shutil.copy(REPO / rel, SHIM / rel)
     for linked in ("strategies", "simulation"):  # read only by the tests
@@ -114,8 +159,9 @@ def mutated(rel: str, old: str, new: str):
         path.write_text(original)
 
 
-def tests_pass() -> tuple[bool, str]:
-    """Run the shim's participation tests; (passed, pytest's last line)."""
+def tests_pass(test: pathlib.Path = TEST) -> tuple[bool, str]:
+    """Run a test file of the shim (default: the participation tests); (passed, pytest's
+    last line)."""
     proc = subprocess.run(
         [
             str(REPO / ".venv/bin/python"),
@@ -125,7 +171,7 @@ def tests_pass() -> tuple[bool, str]:
             "-x",
             "-p",
             "no:cacheprovider",
-            str(TEST),
+            str(test),
         ],
         env={"PYTHONPATH": str(SHIM), "PATH": "/usr/bin:/bin", "HOME": "/root"},
         cwd=SHIM,
@@ -136,23 +182,28 @@ def tests_pass() -> tuple[bool, str]:
     return proc.returncode == 0, lines[-1]
 
 
-def main() -> int:
+def main(only: list[str]) -> int:
+    """Every mutation, or those whose name contains one of ``only``."""
+    chosen = [m for m in M if not only or any(o in m[0] for o in only)]
     build_shim()
-    ok, last = tests_pass()
-    print("unmutated:", last, flush=True)
-    if not ok:
-        print("the unmutated tests fail: no mutation check")
-        return 1
+    for test in sorted(
+        {SHIM / (m[4] if len(m) > 4 else "tests/test_participation.py") for m in chosen}
+    ):
+        ok, last = tests_pass(test)
+        print(f"unmutated {test.name}:", last, flush=True)
+        if not ok:
+            print("the unmutated tests fail: no mutation check")
+            return 1
     missed = []
-    for name, rel, old, new in M:
+    for name, rel, old, new, *test in chosen:
         with mutated(rel, old, new):
-            survived, last = tests_pass()
+            survived, last = tests_pass(SHIM / test[0] if test else TEST)
         if survived:
             missed.append(name)
         print(f"{'MISSED' if survived else 'caught'} | {name} | {last}", flush=True)
-    print(f"{len(M) - len(missed)}/{len(M)} caught")
+    print(f"{len(chosen) - len(missed)}/{len(chosen)} caught")
     return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

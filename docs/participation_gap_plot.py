@@ -34,7 +34,7 @@ WEIGHTED = ("participation_gap_accuracy_weighted", "participation gap (weighted)
 def partition_name(config: dict) -> str:
     """``dirichlet a=0.1`` for a Dirichlet run, else the partitioner's name."""
     name = str(config["partitioner"])
-    return f"{name} a={config['alpha']}" if name == "dirichlet" else name
+    return f"{name} a={config['alpha']}" if name in ("dirichlet", "label-dirichlet") else name
 
 
 def last_gap_row(rounds: list[dict]) -> dict:

@@ -102,3 +102,51 @@ def test_registered_partitioner_is_used_and_validated(tmp_path, monkeypatch):
         C.parse({"partitioner": "zipf"}, schema)
     with pytest.raises(ValueError, match="already registered"):
         register_partitioner("iid", factory)
+
+
+# ----------------------------------------------------------- label-dirichlet (Yuan et al.)
+SKEWED = np.repeat([0, 1, 2, 3], [700, 150, 100, 50])  # 1000 samples, prior .7/.15/.1/.05
+
+
+def test_label_dirichlet_sizes_and_concentration_by_hand():
+    from flowerbed.common.label_dirichlet import LabelDirichletPartitioner
+
+    sizes, conc = LabelDirichletPartitioner(3, alpha=2.0).sizes_and_concentration(SKEWED)
+    assert sizes.tolist() == [334, 333, 333]  # 1000 // 3, the remainder one each to the first
+    np.testing.assert_allclose(conc, [1.4, 0.3, 0.2, 0.1])  # alpha x prior, total alpha
+
+
+def test_label_dirichlet_equal_sizes_cover_all_and_seeded():
+    a = partition_indices(SKEWED, 8, "label-dirichlet", seed=5, alpha=1.0)
+    b = partition_indices(SKEWED, 8, "label-dirichlet", seed=5, alpha=1.0)
+    c = partition_indices(SKEWED, 8, "label-dirichlet", seed=6, alpha=1.0)
+    assert _is_partition(a, 1000)
+    assert {len(p) for p in a} == {125}
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_label_dirichlet_proportions_follow_the_prior_at_large_alpha():
+    labels = np.repeat([0, 1, 2, 3], [7000, 1500, 1000, 500])
+    parts = partition_indices(labels, 10, "label-dirichlet", seed=0, alpha=1e4)
+    share = label_histograms(labels, parts, 4) / 1000
+    # every client's label mix is the prior (a concentration of 1e4 x prior: sd ~ 0.005)
+    np.testing.assert_allclose(share, np.tile([0.7, 0.15, 0.1, 0.05], (10, 1)), atol=0.03)
+
+
+def test_label_dirichlet_small_alpha_is_skewed_and_does_not_stop():
+    labels = np.repeat(np.arange(10), 200)
+    # alpha 0.1 = 0.01 per label: the drawn multinomials are one-hot up to underflow; a client
+    # whose label runs out goes on with the labels left (the authors' code stops on 0/0 there)
+    parts = partition_indices(labels, 20, "label-dirichlet", seed=1, alpha=0.1)
+    assert _is_partition(parts, 2000)
+    assert {len(p) for p in parts} == {100}
+    hist = label_histograms(labels, parts, 10)
+    assert (hist.max(1) / 100).mean() > 0.5  # IID would give ~0.15
+    iid = partition_indices(labels, 20, "label-dirichlet", seed=1, alpha=1e4)
+    assert (label_histograms(labels, iid, 10).max(1) / 100).mean() < 0.2
+
+
+def test_label_dirichlet_rejects_gapped_labels():
+    with pytest.raises(DataError, match="labels must be 0..K-1"):
+        partition_indices(np.repeat([0, 2], 50), 2, "label-dirichlet", seed=0, alpha=1.0)

@@ -112,3 +112,61 @@ def test_semantic_without_dataset_names_the_fix():
 
     with pytest.raises(DataError, match="partitioner 'semantic' needs the dataset"):
         partition_indices(np.repeat(np.arange(3), 10), 2, "semantic", seed=0)
+
+
+def test_semantic_cnn_on_digits_own_cache_and_partition(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWERBED_CACHE", str(tmp_path))
+    from flowerbed.common.data import DataError, load_dataset
+    from flowerbed.common.semantic import embeddings
+
+    assert "semantic-cnn" in partitioners()
+    bundle = load_dataset("digits")
+    opts = data_options("semantic-cnn", "digits")
+    assert opts == data_options("semantic", "digits")
+    cnn = partition_indices(bundle.hard_labels, 4, "semantic-cnn", seed=3, **opts)
+    assert sorted(np.concatenate(cnn)) == list(range(len(bundle.y_train)))
+    hist = np.stack([np.bincount(bundle.y_train[p], minlength=10) for p in cnn])
+    assert (hist > 0).all()  # label-balanced like semantic
+    again = partition_indices(bundle.hard_labels, 4, "semantic-cnn", seed=3, **opts)
+    assert all(np.array_equal(a, b) for a, b in zip(cnn, again, strict=True))
+    mlp = partition_indices(bundle.hard_labels, 4, "semantic", seed=3, **opts)
+    assert not all(np.array_equal(a, b) for a, b in zip(cnn, mlp, strict=True))
+    files = sorted((tmp_path / "semantic").glob("digits-*.npy"))
+    assert len(files) == 2  # one cache file per embedder
+    z_cnn, z_mlp = embeddings("digits", embedder="cnn"), embeddings("digits")
+    assert z_cnn.shape == z_mlp.shape == (len(bundle.y_train), 32)
+    assert not np.allclose(z_cnn, z_mlp)
+    with pytest.raises(DataError, match="semantic embedder 'vit'"):
+        embeddings("digits", embedder="vit")
+    with pytest.raises(DataError, match="partitioner 'semantic-cnn' needs the dataset"):
+        partition_indices(np.repeat(np.arange(3), 10), 2, "semantic-cnn", seed=0)
+
+
+def test_semantic_mlp_cache_key_unchanged(tmp_path, monkeypatch):
+    """The default embedder keeps the cache file name it had before the ``embedder`` option
+    (so existing caches and the runs built on them stay valid)."""
+    import hashlib
+
+    monkeypatch.setenv("FLOWERBED_CACHE", str(tmp_path))
+    from flowerbed.common.semantic import embeddings
+
+    embeddings("digits")
+    tag = hashlib.sha1(b"digits||32|5|v1").hexdigest()[:10]
+    assert (tmp_path / "semantic" / f"digits-{tag}.npy").exists()
+
+
+def test_semantic_pixels_is_pca_of_the_inputs(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWERBED_CACHE", str(tmp_path))
+    from sklearn.decomposition import PCA
+
+    from flowerbed.common.data import load_dataset
+    from flowerbed.common.semantic import embeddings
+
+    bundle = load_dataset("digits")
+    x = bundle.x_train.reshape(len(bundle.x_train), -1).astype(np.float32)
+    want = PCA(n_components=32, random_state=0).fit_transform(x - x.mean(0))
+    np.testing.assert_allclose(embeddings("digits", embedder="pixels"), want, atol=1e-4)
+    opts = data_options("semantic-pixels", "digits")
+    parts = partition_indices(bundle.hard_labels, 4, "semantic-pixels", seed=3, **opts)
+    hist = np.stack([np.bincount(bundle.y_train[p], minlength=10) for p in parts])
+    assert (hist > 0).all()
