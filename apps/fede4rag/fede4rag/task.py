@@ -29,7 +29,7 @@ from flowerbed.common.train import get_device
 
 SCHEMA: dict[str, C.Option] = C.compose(
     C.SCHEDULE,
-    {"partitioner": C.DATA["partitioner"]},
+    {"partitioner": C.DATA["partitioner"], "checkpoint": C.FAULTS["checkpoint"]},
     C.DEVICE,
     C.RESULTS,
     {
@@ -63,6 +63,10 @@ def parse_config(run_config) -> C.RunConfig:
     if cfg["batch-size"] < 2:
         raise C.ConfigError(
             f"run config batch-size={cfg['batch-size']}: in-batch InfoNCE needs > 1"
+        )
+    if cfg["checkpoint"] and cfg["he"]:
+        raise C.ConfigError(
+            "run config checkpoint=true: not with he=true (the server holds only the encrypted sum)"
         )
     return cfg
 

@@ -2,7 +2,10 @@
 hand-made pool, the evaluation with a stub reader (what each condition gets as context), the
 tiny reader, and the retriever's embeddings against the app's evaluator."""
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from flowerbed.common.testing import app_path
@@ -128,3 +131,22 @@ def test_retriever_embeddings_agree_with_the_app_evaluator():
 
     q2, _ = rag.retriever_embeddings(cfg, to_record(moved), qs, pairs)
     assert not torch.allclose(q, q2)
+
+
+def test_a_run_checkpoint_is_the_retriever_of_its_final_metrics(tmp_path):
+    from flowerbed.common.checkpoint import load_checkpoint
+    from flowerbed.simulation.local import run_local
+
+    cfg = {**TINY, "local-steps": 3, "lr": 0.01, "optimizer": "adamw", "num-server-rounds": 2}
+    out = tmp_path / "run"
+    run_local("fede4rag", {**cfg, "results-dir": str(out), "checkpoint": True}, 3)
+    final = json.loads((out / "results.json").read_text())["extra"]["final"]
+    rnd, arrays, _ = load_checkpoint(out / "checkpoint.npz")
+    assert rnd == 2
+    cfg = task.parse_config(cfg)
+    pairs = data.load_pairs(300)
+    qs = [rag.Question(int(i), "", "", "") for i in pairs.test_index]
+    q, p = rag.retriever_embeddings(cfg, arrays, qs, pairs)
+    hit1 = float(np.mean(rag.top_k(q, p, 1)[:, 0] == pairs.test_index))
+    assert hit1 == pytest.approx(final["hit@1"], abs=1e-9)
+    assert task.evaluator(cfg)(arrays)["mrr"] == pytest.approx(final["mrr"], abs=1e-9)
