@@ -29,7 +29,11 @@ from flowerbed.common.train import get_device
 
 SCHEMA: dict[str, C.Option] = C.compose(
     C.SCHEDULE,
-    {"partitioner": C.DATA["partitioner"], "checkpoint": C.FAULTS["checkpoint"]},
+    {
+        "partitioner": C.DATA["partitioner"],
+        "checkpoint": C.FAULTS["checkpoint"],
+        "resume": C.FAULTS["resume"],
+    },
     C.DEVICE,
     C.RESULTS,
     {
@@ -64,10 +68,11 @@ def parse_config(run_config) -> C.RunConfig:
         raise C.ConfigError(
             f"run config batch-size={cfg['batch-size']}: in-batch InfoNCE needs > 1"
         )
-    if cfg["checkpoint"] and cfg["he"]:
-        raise C.ConfigError(
-            "run config checkpoint=true: not with he=true (the server holds only the encrypted sum)"
-        )
+    for key in ("checkpoint", "resume"):
+        if cfg[key] and cfg["he"]:
+            raise C.ConfigError(
+                f"run config {key}=true: not with he=true (the server holds only the encrypted sum)"
+            )
     return cfg
 
 
