@@ -211,6 +211,14 @@ def test_fedbone_smoke_run_logs_conflicts_and_every_task_improves(tmp_path):
         tensors = 3 * 4 * 16 * 49 * (16 + 32 + 32 + 16)
         assert tensors < row["bytes_per_step"] < tensors + 3 * 4 * 400
         assert row["client_compute_s_per_step"] > 0
+        # projection diagnostics per step: pairs in node order, a conflict = a negative cosine
+        assert row["pair_tasks"] == ["cls|denoise", "cls|seg", "denoise|seg"]
+        assert row["grad_tasks"] == ["cls", "denoise", "seg"]
+        assert [len(c) for c in row["cos_steps"]] == [3] * 4
+        rates = [round(sum(c < 0 for c in cs) / 3, 4) for cs in row["cos_steps"]]
+        assert rates == row["conflict_rate_steps"]
+        assert len(row["pc_change_steps"]) == 4 and min(row["pc_change_steps"]) >= 0
+        assert all(min(n) > 0 for n in row["grad_norm_steps"])
     # each task's metric improves on tiny data; the denoising/segmentation losses fall
     assert rounds[3]["client_denoise_psnr"] > rounds[1]["client_denoise_psnr"] + 0.3
     assert rounds[3]["client_seg_iou"] > rounds[1]["client_seg_iou"]
