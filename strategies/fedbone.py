@@ -53,7 +53,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import log
 
 from flowerbed.common.protocol import PhasedStrategy, Protocol, RoundOutcome, wait_for_nodes
-from flowerbed.common.seeding import derive_seed
+from flowerbed.common.seeding import derive_seed, sample_partitions
+from flowerbed.strategies.fedavg import query_partitions
 
 EMBED, HEAD, BACK = "train.embed", "train.head", "train.back"
 EVAL_EMBED, EVAL_HEAD = "train.evalembed", "train.evalhead"
@@ -350,6 +351,11 @@ class FedBone(PhasedStrategy):
         Run seed; the projection order of a step is seeded by (seed, round, step).
     min_nodes : int, default 1
         Nodes that must be connected before a round starts.
+    fraction_train : float, default 1.0
+        Share of the connected clients that train in a round (at least one): every step of the
+        round exchanges with the same sample, drawn by partition id from (seed, round)
+        (:func:`~flowerbed.common.seeding.sample_partitions`, as flowerbed's FedAvg); every
+        client is evaluated.
 
     Attributes
     ----------
@@ -357,7 +363,8 @@ class FedBone(PhasedStrategy):
         Per round: ``conflict_rate`` (mean over steps) and ``conflict_rate_steps`` (per step),
         ``loss`` per task, ``num_rejected``, ``bytes_per_step`` (both directions, evaluation
         excluded), ``client_compute_s_per_step`` (seconds measured inside the clients' phase
-        functions, mean over clients).
+        functions, mean over clients), ``num_sampled`` and, below fraction 1,
+        ``sampled_partitions`` (the partitions that trained).
     """
 
     def __init__(
@@ -369,9 +376,12 @@ class FedBone(PhasedStrategy):
         history_beta: float = 0.0,
         seed: int = 0,
         min_nodes: int = 1,
+        fraction_train: float = 1.0,
     ) -> None:
         if not 0.0 <= history_beta < 1.0:
             raise ValueError(f"history_beta={history_beta}: must be in [0, 1)")
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
         self.general = general
         self.steps = int(steps)
         self.attention = bool(attention)
@@ -379,6 +389,8 @@ class FedBone(PhasedStrategy):
         self.history_beta = float(history_beta)
         self.seed = int(seed)
         self.min_nodes = int(min_nodes)
+        self.fraction_train = float(fraction_train)
+        self._pids: dict[int, int] = {}
         self.grad_history: np.ndarray | None = None
         self.history: dict[int, dict] = {}
 
@@ -388,6 +400,7 @@ class FedBone(PhasedStrategy):
         log(INFO, "\t\t├── steps per round: %d", self.steps)
         log(INFO, "\t\t├── attention rescaling: %s", self.attention)
         log(INFO, "\t\t├── PCGrad projection: %s", self.projection)
+        log(INFO, "\t\t├── fraction of clients per round: %g", self.fraction_train)
         log(INFO, "\t\t└── history EMA beta: %g", self.history_beta)
 
     def state_dict(self) -> dict:
@@ -396,6 +409,22 @@ class FedBone(PhasedStrategy):
 
     def load_state_dict(self, state: dict) -> None:
         self.grad_history = state.get("grad_history")
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, protocol: Protocol, nodes: list[int], rnd: int) -> list[int]:
+        """The nodes that train in round ``rnd``: ``max(1, int(len(nodes) * fraction_train))``
+        of them, chosen by partition id from (seed, round); all of them at fraction 1."""
+        k = max(1, int(len(nodes) * self.fraction_train))
+        if k >= len(nodes):
+            return list(nodes)
+        if not set(nodes) <= set(self._pids):  # one query per node, once
+            self._pids = query_partitions(protocol.grid, nodes)[0]
+        by_pid = {p: n for n, p in self._pids.items() if n in nodes}
+        present = sorted(by_pid)
+        if not present:
+            return list(nodes)
+        pos = sample_partitions(self.seed, rnd, len(present), min(k, len(present)))
+        return sorted(by_pid[present[i]] for i in pos)
 
     # ------------------------------------------------------------------ one step
     def _embeddings(self, protocol: Protocol, phase: str, nodes: list[int], cfg: ConfigRecord):
@@ -503,12 +532,13 @@ class FedBone(PhasedStrategy):
             If no step of the round had a valid feature gradient.
         """
         nodes = wait_for_nodes(protocol.grid, self.min_nodes)
+        sampled = self.sample(protocol, nodes, server_round)
         self.general.set_arrays(arrays)
         rates, computes, rejected, steps_done = [], [], 0, 0
         losses: dict[str, list[float]] = {}
         diags: list[dict] = []
         for step in range(self.steps):
-            info = self._step(protocol, nodes, server_round, step)
+            info = self._step(protocol, sampled, server_round, step)
             rejected += info["rejected"]
             if info["num_grads"]:
                 steps_done += 1
@@ -534,13 +564,16 @@ class FedBone(PhasedStrategy):
             "num_rejected": rejected,
             "bytes_per_step": step_bytes / steps_done,
             "client_compute_s_per_step": float(np.mean(computes)),
+            "num_sampled": len(sampled),
         }
+        if len(sampled) < len(nodes):
+            row["sampled_partitions"] = sorted(self._pids[n] for n in sampled if n in self._pids)
         row.update({k: float(np.mean(v)) for k, v in losses.items()})
         row.update(step_diagnostics(diags))
         evaluated = self.evaluate_clients(protocol, nodes, server_round)
         self.history[server_round] = row
         train = MetricRecord(
-            {"conflict_rate": row["conflict_rate"], "num-examples": steps_done * len(nodes)}
+            {"conflict_rate": row["conflict_rate"], "num-examples": steps_done * len(sampled)}
         )
         return RoundOutcome(
             arrays=self.general.arrays(), train_metrics=train, evaluate_metrics=evaluated

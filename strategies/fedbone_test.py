@@ -6,6 +6,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.common.testing import mock_reply
 from flowerbed.strategies.fedbone import (
+    FedBone,
     attention_weights,
     check_tensor,
     conflict_rate,
@@ -186,3 +187,10 @@ def test_check_tensor_names_each_rejection():
     assert check_tensor(_reply(bad), "grad", (2, 3, 4, 4)) == "grad contains NaN/Inf"
     assert check_tensor(_reply(ok, float("inf")), "grad", (2, 3, 4, 4)) == "loss is not finite"
     assert check_tensor(_reply(ok), "embed", None) == "no tensor 'embed'/'t'"
+
+
+def test_fedbone_checks_its_fractions():
+    with pytest.raises(ValueError, match=r"fraction_train=0.0: must be in \(0, 1\]"):
+        FedBone(None, fraction_train=0.0)
+    with pytest.raises(ValueError, match=r"history_beta=1.0"):
+        FedBone(None, history_beta=1.0)
