@@ -8,7 +8,8 @@ split method (mean ± sample std over seeds; every step of every round pooled wi
    them, ``cancel = ||plain mean|| / mean_k ||g_k||``);
 2. the distribution of the pairwise cosines of the clients' gradients of G, by pair type
    (same task / different tasks, and each task pair): mean, 10/50/90 % quantiles, share < 0;
-3. each task's gradient norm ``||g_k||`` (mean over steps) and its share of the sum.
+3. each task's gradient norm ``||g_k||`` (mean over steps) and its share of the sum;
+4. the step diagnostics of 1. per round.
 
     .venv/bin/python apps/fedbone/docs/projection.py outputs/fedbone_projection
 """
@@ -22,6 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 METHODS = ["split-avg", "split-pcgrad", "fedbone"]
+KEYS = ("conflict_rate_steps", "pc_change_steps", "pc_cos_steps", "cancel_steps")
 FINAL = [("cls_accuracy", "{:.4f}"), ("denoise_psnr", "{:.2f}"), ("seg_iou", "{:.4f}")]
 
 
@@ -76,7 +78,7 @@ def main(root):
             if not rs:
                 continue
             cells = [ms([r["extra"]["final"][k] for r in rs], f) for k, f in FINAL]
-            for key in ("conflict_rate_steps", "pc_change_steps", "pc_cos_steps", "cancel_steps"):
+            for key in KEYS:
                 cells.append(ms([float(np.mean(steps(r, key))) for r in rs]))
             print(f"| {s} | {m} | {len(rs)} | " + " | ".join(cells) + " |")
     print(
@@ -117,6 +119,19 @@ def main(root):
         total = sum(np.mean(v) for v in norms.values())
         for t in sorted(norms):
             print(f"| {s} | {t} | {np.mean(norms[t]):.4f} | {np.mean(norms[t]) / total:.2f} |")
+    print("\n## 4. Per round (mean over steps; all methods, all seeds)\n")
+    print("| setting | round | conflict rate | pc_change | pc_cos | cancel |")
+    print("|---|---|---|---|---|---|")
+    for s in settings:
+        by_round = defaultdict(lambda: defaultdict(list))
+        for m in METHODS:
+            for r in runs.get((s, m), []):
+                for row in r["rounds"]:
+                    for key in KEYS:
+                        by_round[row["round"]][key] += row.get(key, [])
+        for rnd in sorted(k for k in by_round if by_round[k]["pc_change_steps"]):
+            cells = [f"{np.mean(by_round[rnd][key]):.3f}" for key in KEYS]
+            print(f"| {s} | {rnd} | " + " | ".join(cells) + " |")
     print("\ncommits:", ", ".join(commits))
 
 
