@@ -9,7 +9,8 @@ split method (mean ± sample std over seeds; every step of every round pooled wi
 2. the distribution of the pairwise cosines of the clients' gradients of G, by pair type
    (same task / different tasks, and each task pair): mean, 10/50/90 % quantiles, share < 0;
 3. each task's gradient norm ``||g_k||`` (mean over steps) and its share of the sum;
-4. the step diagnostics of 1. per round.
+4. the step diagnostics of 1. per round;
+5. each seed's final metrics minus split-avg's of the same seed (paired).
 
     .venv/bin/python apps/fedbone/docs/projection.py outputs/fedbone_projection
 """
@@ -132,6 +133,20 @@ def main(root):
         for rnd in sorted(k for k in by_round if by_round[k]["pc_change_steps"]):
             cells = [f"{np.mean(by_round[rnd][key]):.3f}" for key in KEYS]
             print(f"| {s} | {rnd} | " + " | ".join(cells) + " |")
+    print(
+        "\n## 5. Paired differences to split-avg (same seed: same initial G, parts and batches)\n"
+    )
+    print("| setting | method | seed | Δ accuracy (cls) | Δ PSNR (denoise) | Δ IoU (seg) |")
+    print("|---|---|---|---|---|---|")
+    for s in settings:
+        base = {r["config"]["seed"]: r["extra"]["final"] for r in runs.get((s, "split-avg"), [])}
+        for m in METHODS[1:]:
+            for r in sorted(runs.get((s, m), []), key=lambda r: r["config"]["seed"]):
+                seed, fin = r["config"]["seed"], r["extra"]["final"]
+                if seed not in base:
+                    continue
+                d = [fin[k] - base[seed][k] for k, _ in FINAL]
+                print(f"| {s} | {m} | {seed} | {d[0]:+.4f} | {d[1]:+.2f} | {d[2]:+.4f} |")
     print("\ncommits:", ", ".join(commits))
 
 
