@@ -5,7 +5,7 @@ cd "$(dirname "$0")/../../.."
 B=$(mktemp)
 F=strategies/fedbone.py
 cp $F "$B"
-mut() {  # name, python replace old new
+mut() {  # name, python replace old new [pytest target, default the strategy's tests]
   python3 - "$2" "$3" <<'PY'
 import sys
 p="strategies/fedbone.py"; s=open(p).read(); old,new=sys.argv[1],sys.argv[2]
@@ -13,7 +13,7 @@ assert s.count(old)>=1, old
 open(p,"w").write(s.replace(old,new,1))
 PY
   [ $? -eq 0 ] || { echo "$1: PATTERN NOT FOUND"; cp "$B" $F; return; }
-  .venv/bin/pytest -q -p no:cacheprovider strategies/fedbone_test.py -W ignore 2>&1 | tail -1 | sed "s/^/$1: /"
+  .venv/bin/pytest -q -p no:cacheprovider ${4:-strategies/fedbone_test.py} -W ignore 2>&1 | tail -1 | sed "s/^/$1: /"
   cp "$B" $F
 }
 mut "pcgrad sign flipped" "p = p - (dot / nn) * orig[j]" "p = p + (dot / nn) * orig[j]"
@@ -29,4 +29,5 @@ mut "attention switch forced off" "if attention:
 mut "EMA weights swapped" "return beta * history + (1.0 - beta)" "return (1.0 - beta) * history + beta"
 mut "pc_change relative to the projected mean" "norm(projected - plain)) / norm if" "norm(projected - plain)) / float(np.linalg.norm(projected)) if"
 mut "cancel over the sum of norms" "mean_norm = float(np.mean([np.linalg.norm" "mean_norm = float(np.sum([np.linalg.norm"
+mut "client sampling forced off" "if k >= len(nodes):" "if True:" "apps/fedbone/tests/test_fedbone_app.py -k sampling"
 cmp -s "$B" $F && echo "reverted OK"
