@@ -36,6 +36,13 @@ def ms(v, fmt="{:.3f}"):
     return f"{fmt.format(np.mean(v))} ± {fmt.format(np.std(v, ddof=1))}"
 
 
+def table(title, cols):
+    """A markdown table's title and header."""
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
 def load(root):
     runs = defaultdict(list)  # (setting, method) -> [results]
     for p in sorted(glob.glob(f"{root}/*/*/*/results.json")):
@@ -65,14 +72,21 @@ def main(root):
     runs = load(root)
     settings = sorted({s for s, _ in runs}, key=lambda s: ["three", "six"].index(s))
     commits = sorted({r["git_commit"][:7] for rs in runs.values() for r in rs})
-    print(
-        "## 1. Final metrics and the size of the projection's change (per run: mean over steps)\n"
+    table(
+        "1. Final metrics and the size of the projection's change (per run: mean over steps)",
+        [
+            "setting",
+            "method",
+            "seeds",
+            "accuracy (cls)",
+            "PSNR (denoise)",
+            "IoU (seg)",
+            "conflict rate",
+            "pc_change",
+            "pc_cos",
+            "cancel",
+        ],
     )
-    print(
-        "| setting | method | seeds | accuracy (cls) | PSNR (denoise) | IoU (seg) | conflict rate"
-        " | pc_change | pc_cos | cancel |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in settings:
         for m in METHODS:
             rs = runs.get((s, m), [])
@@ -82,11 +96,10 @@ def main(root):
             for key in KEYS:
                 cells.append(ms([float(np.mean(steps(r, key))) for r in rs]))
             print(f"| {s} | {m} | {len(rs)} | " + " | ".join(cells) + " |")
-    print(
-        "\n## 2. Pairwise cosines of the clients' gradients of G (all steps, all methods, all seeds)\n"
+    table(
+        "2. Pairwise cosines of the clients' gradients of G (all steps, all methods, all seeds)",
+        ["setting", "pair type", "pairs x steps", "mean cos", "10%", "50%", "90%", "share < 0"],
     )
-    print("| setting | pair type | pairs x steps | mean cos | 10% | 50% | 90% | share < 0 |")
-    print("|---|---|---|---|---|---|---|---|")
     for s in settings:
         allp = [p for m in METHODS for r in runs.get((s, m), []) for p in pairs(r)]
         groups = defaultdict(list)
@@ -104,11 +117,10 @@ def main(root):
                 f"| {s} | {k} | {len(v)} | {v.mean():.3f} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f}"
                 f" | {(v < 0).mean():.3f} |"
             )
-    print(
-        "\n## 3. Gradient norm of each task's clients (mean over steps, all methods, all seeds)\n"
+    table(
+        "3. Gradient norm of each task's clients (mean over steps, all methods, all seeds)",
+        ["setting", "task", "mean ‖g_k‖", "share of the sum of norms"],
     )
-    print("| setting | task | mean ‖g_k‖ | share of the sum of norms |")
-    print("|---|---|---|---|")
     for s in settings:
         norms = defaultdict(list)
         for m in METHODS:
@@ -120,9 +132,10 @@ def main(root):
         total = sum(np.mean(v) for v in norms.values())
         for t in sorted(norms):
             print(f"| {s} | {t} | {np.mean(norms[t]):.4f} | {np.mean(norms[t]) / total:.2f} |")
-    print("\n## 4. Per round (mean over steps; all methods, all seeds)\n")
-    print("| setting | round | conflict rate | pc_change | pc_cos | cancel |")
-    print("|---|---|---|---|---|---|")
+    table(
+        "4. Per round (mean over steps; all methods, all seeds)",
+        ["setting", "round", "conflict rate", "pc_change", "pc_cos", "cancel"],
+    )
     for s in settings:
         by_round = defaultdict(lambda: defaultdict(list))
         for m in METHODS:
@@ -133,11 +146,10 @@ def main(root):
         for rnd in sorted(k for k in by_round if by_round[k]["pc_change_steps"]):
             cells = [f"{np.mean(by_round[rnd][key]):.3f}" for key in KEYS]
             print(f"| {s} | {rnd} | " + " | ".join(cells) + " |")
-    print(
-        "\n## 5. Paired differences to split-avg (same seed: same initial G, parts and batches)\n"
+    table(
+        "5. Paired differences to split-avg (same seed: same initial G, parts and batches)",
+        ["setting", "method", "seed", "Δ accuracy (cls)", "Δ PSNR (denoise)", "Δ IoU (seg)"],
     )
-    print("| setting | method | seed | Δ accuracy (cls) | Δ PSNR (denoise) | Δ IoU (seg) |")
-    print("|---|---|---|---|---|---|")
     for s in settings:
         base = {r["config"]["seed"]: r["extra"]["final"] for r in runs.get((s, "split-avg"), [])}
         for m in METHODS[1:]:
