@@ -53,7 +53,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import log
 
 from flowerbed.common.protocol import PhasedStrategy, Protocol, RoundOutcome, wait_for_nodes
-from flowerbed.common.seeding import derive_seed
+from flowerbed.common.seeding import derive_seed, sample_partitions
+from flowerbed.strategies.fedavg import query_partitions
 
 EMBED, HEAD, BACK = "train.embed", "train.head", "train.back"
 EVAL_EMBED, EVAL_HEAD = "train.evalembed", "train.evalhead"
@@ -157,9 +158,10 @@ def gp_aggregate(
     Returns
     -------
     (np.ndarray, dict)
-        The aggregated gradient (float64) and ``{"conflict_rate", "alpha"}``: the conflict rate
-        of the gradients that are projected (after rescaling, which keeps the signs of the
-        cosines) and the attention weights.
+        The aggregated gradient (float64) and ``{"conflict_rate", "alpha", "pc_change",
+        "pc_cos", "cancel", "cos"}``: the conflict rate of the gradients that are projected
+        (after rescaling, which keeps the signs of the cosines), the attention weights and
+        :func:`projection_effect` of those gradients (computed with or without ``projection``).
     """
     if not grads:
         raise ValueError("gp_aggregate: no gradient")
@@ -169,9 +171,50 @@ def gp_aggregate(
     if attention:
         gs = [k * a * g for a, g in zip(alpha, gs, strict=True)]
     rate = conflict_rate(gs)
-    if projection:
-        gs = pcgrad(gs, rng if rng is not None else np.random.default_rng(0))
-    return np.mean(gs, axis=0), {"conflict_rate": rate, "alpha": alpha.tolist()}
+    plain = np.mean(gs, axis=0)
+    # the projection is computed for every method (the diagnostics below); without the switch
+    # its result is not used (the rng drives nothing else, so the runs are unchanged)
+    projected = np.mean(pcgrad(gs, rng if rng is not None else np.random.default_rng(0)), axis=0)
+    info = {"conflict_rate": rate, "alpha": alpha.tolist()}
+    info.update(projection_effect(gs, plain, projected))
+    return (projected if projection else plain), info
+
+
+def pairwise_cosines(grads: Sequence[np.ndarray]) -> list[float]:
+    """``cos(g_i, g_j)`` of every pair ``i < j`` in the order (0, 1), (0, 2), ..., (1, 2), ...
+    (0 for a zero gradient, as :func:`conflict_rate`)."""
+    k = len(grads)
+    return [_cos(grads[i], grads[j]) for i in range(k) for j in range(i + 1, k)]
+
+
+def projection_effect(
+    grads: Sequence[np.ndarray], plain: np.ndarray, projected: np.ndarray
+) -> dict[str, float | list[float]]:
+    """How much PCGrad changes one step (the diagnostics of why projection does or does not help).
+
+    Parameters
+    ----------
+    grads : sequence of 1-D arrays
+        The gradients that are (or would be) projected.
+    plain, projected : 1-D arrays
+        Their plain mean and the mean of their PCGrad projections.
+
+    Returns
+    -------
+    dict
+        ``pc_change = ||projected - plain|| / ||plain||`` (the relative size of the change
+        projection makes to the step; 0 when ``plain`` is zero), ``pc_cos = cos(projected,
+        plain)``, ``cancel = ||plain|| / mean_k ||g_k||`` (1 when the clients agree, near 0 when
+        their gradients cancel) and ``cos``, the pairwise cosines (:func:`pairwise_cosines`).
+    """
+    norm = float(np.linalg.norm(plain))
+    mean_norm = float(np.mean([np.linalg.norm(g) for g in grads]))
+    return {
+        "pc_change": float(np.linalg.norm(projected - plain)) / norm if norm > 0 else 0.0,
+        "pc_cos": _cos(projected, plain),
+        "cancel": norm / mean_norm if mean_norm > 0 else 0.0,
+        "cos": pairwise_cosines(grads),
+    }
 
 
 def update_history(history: np.ndarray | None, g: np.ndarray, beta: float) -> np.ndarray:
@@ -180,6 +223,31 @@ def update_history(history: np.ndarray | None, g: np.ndarray, beta: float) -> np
     if history is None:
         return np.asarray(g, dtype=np.float64).copy()
     return beta * history + (1.0 - beta) * np.asarray(g, dtype=np.float64)
+
+
+def step_diagnostics(diags: Sequence[dict]) -> dict:
+    """A round's per-step projection diagnostics (the ``diag`` of each step) as results.json
+    keys: ``pc_change_steps``, ``pc_cos_steps``, ``cancel_steps`` (one value per step),
+    ``cos_steps`` (the pairwise cosines of each step), ``grad_norm_steps`` (each client's
+    ``||g_k||`` per step), and ``grad_tasks`` / ``pair_tasks`` (the task of each gradient and of
+    each pair, ``"a|b"``, from the last step: the order of the lists above)."""
+    if not diags:
+        return {}
+
+    def r4(v):
+        return [round(float(x), 4) for x in v]
+
+    tasks = diags[-1]["tasks"]
+    k = len(tasks)
+    return {
+        "pc_change_steps": r4(d["pc_change"] for d in diags),
+        "pc_cos_steps": r4(d["pc_cos"] for d in diags),
+        "cancel_steps": r4(d["cancel"] for d in diags),
+        "cos_steps": [r4(d["cos"]) for d in diags],
+        "grad_norm_steps": [r4(d["grad_norm"]) for d in diags],
+        "grad_tasks": list(tasks),
+        "pair_tasks": [f"{tasks[i]}|{tasks[j]}" for i in range(k) for j in range(i + 1, k)],
+    }
 
 
 def mean_by_key(records: Sequence[RecordDict], weight_key: str = "num-examples") -> MetricRecord:
@@ -283,6 +351,11 @@ class FedBone(PhasedStrategy):
         Run seed; the projection order of a step is seeded by (seed, round, step).
     min_nodes : int, default 1
         Nodes that must be connected before a round starts.
+    fraction_train : float, default 1.0
+        Share of the connected clients that train in a round (at least one): every step of the
+        round exchanges with the same sample, drawn by partition id from (seed, round)
+        (:func:`~flowerbed.common.seeding.sample_partitions`, as flowerbed's FedAvg); every
+        client is evaluated.
 
     Attributes
     ----------
@@ -290,7 +363,8 @@ class FedBone(PhasedStrategy):
         Per round: ``conflict_rate`` (mean over steps) and ``conflict_rate_steps`` (per step),
         ``loss`` per task, ``num_rejected``, ``bytes_per_step`` (both directions, evaluation
         excluded), ``client_compute_s_per_step`` (seconds measured inside the clients' phase
-        functions, mean over clients).
+        functions, mean over clients), ``num_sampled`` and, below fraction 1,
+        ``sampled_partitions`` (the partitions that trained).
     """
 
     def __init__(
@@ -302,9 +376,12 @@ class FedBone(PhasedStrategy):
         history_beta: float = 0.0,
         seed: int = 0,
         min_nodes: int = 1,
+        fraction_train: float = 1.0,
     ) -> None:
         if not 0.0 <= history_beta < 1.0:
             raise ValueError(f"history_beta={history_beta}: must be in [0, 1)")
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train={fraction_train}: must be in (0, 1]")
         self.general = general
         self.steps = int(steps)
         self.attention = bool(attention)
@@ -312,6 +389,8 @@ class FedBone(PhasedStrategy):
         self.history_beta = float(history_beta)
         self.seed = int(seed)
         self.min_nodes = int(min_nodes)
+        self.fraction_train = float(fraction_train)
+        self._pids: dict[int, int] = {}
         self.grad_history: np.ndarray | None = None
         self.history: dict[int, dict] = {}
 
@@ -321,6 +400,7 @@ class FedBone(PhasedStrategy):
         log(INFO, "\t\t├── steps per round: %d", self.steps)
         log(INFO, "\t\t├── attention rescaling: %s", self.attention)
         log(INFO, "\t\t├── PCGrad projection: %s", self.projection)
+        log(INFO, "\t\t├── fraction of clients per round: %g", self.fraction_train)
         log(INFO, "\t\t└── history EMA beta: %g", self.history_beta)
 
     def state_dict(self) -> dict:
@@ -329,6 +409,22 @@ class FedBone(PhasedStrategy):
 
     def load_state_dict(self, state: dict) -> None:
         self.grad_history = state.get("grad_history")
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, protocol: Protocol, nodes: list[int], rnd: int) -> list[int]:
+        """The nodes that train in round ``rnd``: ``max(1, int(len(nodes) * fraction_train))``
+        of them, chosen by partition id from (seed, round); all of them at fraction 1."""
+        k = max(1, int(len(nodes) * self.fraction_train))
+        if k >= len(nodes):
+            return list(nodes)
+        if not set(nodes) <= set(self._pids):  # one query per node, once
+            self._pids = query_partitions(protocol.grid, nodes)[0]
+        by_pid = {p: n for n, p in self._pids.items() if n in nodes}
+        present = sorted(by_pid)
+        if not present:
+            return list(nodes)
+        pos = sample_partitions(self.seed, rnd, len(present), min(k, len(present)))
+        return sorted(by_pid[present[i]] for i in pos)
 
     # ------------------------------------------------------------------ one step
     def _embeddings(self, protocol: Protocol, phase: str, nodes: list[int], cfg: ConfigRecord):
@@ -355,7 +451,7 @@ class FedBone(PhasedStrategy):
             validate=lambda m: check_tensor(m, "grad", feats[m.metadata.src_node_id].shape),
         )
         back = head.by_node()
-        grads, de, losses = {}, {}, {}
+        grads, de, losses, tasks = {}, {}, {}, {}
         for n in order:
             if n not in back:
                 continue
@@ -363,12 +459,14 @@ class FedBone(PhasedStrategy):
             grads[n], de[n] = self.general.backward(n, back[n].content["grad"]["t"].numpy())
             compute[n] += float(metrics.get(COMPUTE_KEY, 0.0))
             task = str(back[n].content["config"]["task"]) if "config" in back[n].content else ""
+            tasks[n] = task
             losses.setdefault(f"loss_{task}" if task else "loss", []).append(float(metrics["loss"]))
         info = {"conflict_rate": float("nan"), "rejected": len(up.failures) + len(head.failures)}
         if grads:
             rng = np.random.default_rng(derive_seed(self.seed, rnd, step, 0xB0E))
+            keys = sorted(grads)
             g, agg = gp_aggregate(
-                [grads[n] for n in sorted(grads)],
+                [grads[n] for n in keys],
                 self.grad_history,
                 self.attention,
                 self.projection,
@@ -377,6 +475,14 @@ class FedBone(PhasedStrategy):
             self.general.step(g)
             self.grad_history = update_history(self.grad_history, g, self.history_beta)
             info["conflict_rate"] = agg["conflict_rate"]
+            info["diag"] = {
+                "pc_change": agg["pc_change"],
+                "pc_cos": agg["pc_cos"],
+                "cancel": agg["cancel"],
+                "cos": agg["cos"],
+                "grad_norm": [float(np.linalg.norm(grads[n])) for n in keys],
+                "tasks": [tasks[n] for n in keys],
+            }
             down = protocol.exchange(
                 BACK,
                 {n: RecordDict({"config": cfg, "grad": tensor_record(t=de[n])}) for n in de},
@@ -426,16 +532,19 @@ class FedBone(PhasedStrategy):
             If no step of the round had a valid feature gradient.
         """
         nodes = wait_for_nodes(protocol.grid, self.min_nodes)
+        sampled = self.sample(protocol, nodes, server_round)
         self.general.set_arrays(arrays)
         rates, computes, rejected, steps_done = [], [], 0, 0
         losses: dict[str, list[float]] = {}
+        diags: list[dict] = []
         for step in range(self.steps):
-            info = self._step(protocol, nodes, server_round, step)
+            info = self._step(protocol, sampled, server_round, step)
             rejected += info["rejected"]
             if info["num_grads"]:
                 steps_done += 1
                 rates.append(info["conflict_rate"])
                 computes.append(info["compute"])
+                diags.append(info["diag"])
                 for k, v in info["losses"].items():
                     losses.setdefault(k, []).append(v)
         if not steps_done:
@@ -455,12 +564,16 @@ class FedBone(PhasedStrategy):
             "num_rejected": rejected,
             "bytes_per_step": step_bytes / steps_done,
             "client_compute_s_per_step": float(np.mean(computes)),
+            "num_sampled": len(sampled),
         }
+        if len(sampled) < len(nodes):
+            row["sampled_partitions"] = sorted(self._pids[n] for n in sampled if n in self._pids)
         row.update({k: float(np.mean(v)) for k, v in losses.items()})
+        row.update(step_diagnostics(diags))
         evaluated = self.evaluate_clients(protocol, nodes, server_round)
         self.history[server_round] = row
         train = MetricRecord(
-            {"conflict_rate": row["conflict_rate"], "num-examples": steps_done * len(nodes)}
+            {"conflict_rate": row["conflict_rate"], "num-examples": steps_done * len(sampled)}
         )
         return RoundOutcome(
             arrays=self.general.arrays(), train_metrics=train, evaluate_metrics=evaluated

@@ -6,12 +6,16 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.common.testing import mock_reply
 from flowerbed.strategies.fedbone import (
+    FedBone,
     attention_weights,
     check_tensor,
     conflict_rate,
     gp_aggregate,
     mean_by_key,
+    pairwise_cosines,
     pcgrad,
+    projection_effect,
+    step_diagnostics,
     tensor_record,
     update_history,
 )
@@ -96,6 +100,49 @@ def test_gp_aggregate_each_switch_by_hand():
     np.testing.assert_allclose(g, (p1 + p2) / 2)
 
 
+def test_projection_effect_by_hand():
+    # the pair of the PCGrad test: plain mean (0, 0.5), projected mean (-0.25, 0.75)
+    g1, g2 = np.array([1.0, 1.0]), np.array([-1.0, 0.0])
+    plain, proj = np.array([0.0, 0.5]), np.array([-0.25, 0.75])
+    eff = projection_effect([g1, g2], plain, proj)
+    # ||(-0.25, 0.25)|| / 0.5 = sqrt(0.125) / 0.5
+    assert eff["pc_change"] == pytest.approx(np.sqrt(0.125) / 0.5)
+    # cos((-0.25, 0.75), (0, 0.5)) = 0.375 / (sqrt(0.625) * 0.5)
+    assert eff["pc_cos"] == pytest.approx(0.375 / (np.sqrt(0.625) * 0.5))
+    # ||plain|| / mean(||g1||, ||g2||) = 0.5 / ((sqrt2 + 1) / 2)
+    assert eff["cancel"] == pytest.approx(0.5 / ((np.sqrt(2) + 1) / 2))
+    np.testing.assert_allclose(eff["cos"], [-1 / np.sqrt(2)])
+    # gp_aggregate reports the same effect whether or not it projects
+    for projection in (False, True):
+        _, info = gp_aggregate([g1, g2], None, attention=False, projection=projection)
+        assert info["pc_change"] == pytest.approx(eff["pc_change"])
+    # no conflict: projection changes nothing; opposite equal gradients cancel completely
+    _, info = gp_aggregate([g1, 2 * g1], None, attention=False, projection=False)
+    assert info["pc_change"] == 0.0 and info["cancel"] == pytest.approx(1.0)
+    assert projection_effect([g1, -g1], np.zeros(2), np.zeros(2))["cancel"] == 0.0
+
+
+def test_pairwise_cosines_order_and_step_diagnostics():
+    a, b, c = np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([-1.0, 0.0])
+    # pairs (a,b), (a,c), (b,c)
+    np.testing.assert_allclose(pairwise_cosines([a, b, c]), [0.0, -1.0, 0.0])
+    diag = {"pc_change": 0.5, "pc_cos": 0.9, "cancel": 0.3, "cos": [0.1, -0.2, 0.3]}
+    rows = step_diagnostics(
+        [
+            {**diag, "grad_norm": [1.0, 2.0, 3.0], "tasks": ["cls", "seg", "cls"]},
+            {
+                **diag,
+                "pc_change": 0.25,
+                "grad_norm": [1.0, 2.0, 3.0],
+                "tasks": ["cls", "seg", "cls"],
+            },
+        ]
+    )
+    assert rows["pc_change_steps"] == [0.5, 0.25] and rows["cos_steps"][1] == [0.1, -0.2, 0.3]
+    assert rows["pair_tasks"] == ["cls|seg", "cls|cls", "seg|cls"]
+    assert step_diagnostics([]) == {}
+
+
 def test_update_history_ema():
     h = update_history(None, np.array([2.0, 0.0]), 0.5)
     np.testing.assert_allclose(h, [2.0, 0.0])
@@ -140,3 +187,10 @@ def test_check_tensor_names_each_rejection():
     assert check_tensor(_reply(bad), "grad", (2, 3, 4, 4)) == "grad contains NaN/Inf"
     assert check_tensor(_reply(ok, float("inf")), "grad", (2, 3, 4, 4)) == "loss is not finite"
     assert check_tensor(_reply(ok), "embed", None) == "no tensor 'embed'/'t'"
+
+
+def test_fedbone_checks_its_fractions():
+    with pytest.raises(ValueError, match=r"fraction_train=0.0: must be in \(0, 1\]"):
+        FedBone(None, fraction_train=0.0)
+    with pytest.raises(ValueError, match=r"history_beta=1.0"):
+        FedBone(None, history_beta=1.0)

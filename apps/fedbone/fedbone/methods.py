@@ -28,6 +28,7 @@ def make_split(cfg, general=None, min_nodes: int = 1, flags=None, **_):
         history_beta=cfg["history-beta"],
         seed=cfg["seed"],
         min_nodes=min_nodes,
+        fraction_train=cfg["fraction-train"],
     )
 
 

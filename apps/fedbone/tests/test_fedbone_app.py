@@ -211,6 +211,14 @@ def test_fedbone_smoke_run_logs_conflicts_and_every_task_improves(tmp_path):
         tensors = 3 * 4 * 16 * 49 * (16 + 32 + 32 + 16)
         assert tensors < row["bytes_per_step"] < tensors + 3 * 4 * 400
         assert row["client_compute_s_per_step"] > 0
+        # projection diagnostics per step: pairs in node order, a conflict = a negative cosine
+        assert row["pair_tasks"] == ["cls|denoise", "cls|seg", "denoise|seg"]
+        assert row["grad_tasks"] == ["cls", "denoise", "seg"]
+        assert [len(c) for c in row["cos_steps"]] == [3] * 4
+        rates = [round(sum(c < 0 for c in cs) / 3, 4) for cs in row["cos_steps"]]
+        assert rates == row["conflict_rate_steps"]
+        assert len(row["pc_change_steps"]) == 4 and min(row["pc_change_steps"]) >= 0
+        assert all(min(n) > 0 for n in row["grad_norm_steps"])
     # each task's metric improves on tiny data; the denoising/segmentation losses fall
     assert rounds[3]["client_denoise_psnr"] > rounds[1]["client_denoise_psnr"] + 0.3
     assert rounds[3]["client_seg_iou"] > rounds[1]["client_seg_iou"]
@@ -295,3 +303,33 @@ def test_flwr_run_end_to_end(tmp_path):
     assert sorted(rounds) == [0, 1] and rounds[1]["steps"] == 2
     assert rounds[1]["phases"]["train.back"]["num_replies"] == 6  # 2 steps x 3 clients
     assert all(m in rounds[1] for m in METRICS) and len(rounds[1]["conflict_rate_steps"]) == 2
+
+
+def test_client_sampling_trains_a_seeded_share_and_evaluates_every_client(tmp_path):
+    """fraction-train 0.5 of 6 clients: the 3 partitions drawn from (seed, round) train in every
+    step of the round (3 gradients of G, 3 pairs), all 6 are evaluated."""
+    from flowerbed.common.seeding import sample_partitions
+
+    _, rounds = _run(
+        tmp_path,
+        "sampled",
+        num_supernodes=6,
+        **{"fraction-train": 0.5, "num-server-rounds": 2, "steps": 2},
+    )
+    for r in (1, 2):
+        row = rounds[r]
+        assert row["num_sampled"] == 3
+        assert row["sampled_partitions"] == sample_partitions(42, r, 6, 3)
+        ph = row["phases"]
+        assert [ph[p]["num_replies"] for p in ("train.embed", "train.head", "train.back")] == [
+            6,
+            6,
+            6,
+        ]  # 3 clients x 2 steps
+        assert ph["train.evalhead"]["num_replies"] == 6  # every client evaluated
+        assert [len(c) for c in row["cos_steps"]] == [3, 3]
+        tasks = sorted(task.task_of(p) for p in row["sampled_partitions"])
+        assert sorted(row["grad_tasks"]) == tasks
+    assert (
+        rounds[1]["sampled_partitions"] != rounds[2]["sampled_partitions"]
+    )  # [2, 3, 5], [0, 1, 3]
