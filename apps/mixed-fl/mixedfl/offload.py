@@ -204,7 +204,7 @@ def client_train(msg: Message, context, cfg) -> Message:
             rows_touched += touched
             flops += 2 * touched * d
             steps += 1
-            loss_sum += float(loss)
+            loss_sum += loss.item()
     out = table.detach().numpy()[1:] if offload else table.detach().numpy()
     content = reply(
         **{
