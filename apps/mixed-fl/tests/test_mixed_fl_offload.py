@@ -134,3 +134,19 @@ def test_offload_saves_client_bytes_and_compute(tmp_path):
     assert off["server_flops"] == 5 * spreadout_flops(v, d) and base["server_flops"] == 0
     final = recs["offload"]["extra"]["final"]
     assert np.isfinite(final["f_c"]) and 0 <= final["recall@10"] <= 1
+
+
+def test_curves_read_f_f_and_f_c_per_round(tmp_path):
+    from mixedfl.curves import curves
+
+    rec = {
+        "rounds": [
+            {"round": 0, "server_f_f": 0.9, "server_f_c": 177.0},
+            {"round": 1, "server_f_f": 0.8, "server_f_c": 176.5},
+            {"round": 2, "server_f_f": 0.7},
+        ]
+    }
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(rec))
+    c = curves(path)
+    assert c == {"round": [0, 1], "server_f_f": [0.9, 0.8], "server_f_c": [177.0, 176.5]}
