@@ -15,27 +15,15 @@ the baseline in %, with the commit::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from flowerbed.common.results import git_commit
+from mixedfl.table import run_one
 
 METHODS = ("offload", "offload-baseline")
-
-
-def run_one(method: str, seed: int, out: Path, overrides: dict, nodes: int) -> dict:
-    from flowerbed.simulation.local import run_local
-
-    folder = out / f"{method}-seed{seed}"
-    run_local(
-        "mixed-fl",
-        {**overrides, "method": method, "seed": seed, "results-dir": str(folder.resolve())},
-        num_supernodes=nodes,
-    )
-    return json.loads((folder / "results.json").read_text())
 
 
 def per_client(records: list[dict]) -> dict[str, float]:
