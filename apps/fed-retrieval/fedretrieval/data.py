@@ -13,13 +13,13 @@ in google-research/federated), read for ``../shared/papers/fed-retrieval.md``:
 5. the IID control shuffles the train examples across train users, keeping each user's count.
 
 Sources: MovieLens-100K from the ``recbole==1.2.1`` wheel (found with
-``importlib.util.find_spec``, recbole is never imported; offline) and MovieLens-1M, the paper's
+``importlib.util.find_spec``, recbole is never imported; offline; the loader is
+:mod:`flowerbed.common.movielens`) and MovieLens-1M, the paper's
 set, from GroupLens (:func:`load_ml1m`, needs the network; not run here).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import urllib.request
 import zipfile
@@ -30,22 +30,18 @@ from pathlib import Path
 import numpy as np
 
 from flowerbed.common.data import DataError, cache_dir
+from flowerbed.common.movielens import (  # moved there; re-exported here
+    Ratings,
+    load_ml100k,
+    ml100k_dir,  # noqa: F401
+    user_timelines,
+)
 from flowerbed.common.seeding import derive_seed
 
 MAX_CONTEXT = 10
 MIN_TIMELINE = 3
 MAX_EXAMPLES_PER_USER = 300
 ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
-
-
-@dataclass(frozen=True)
-class Ratings:
-    """Implicit interactions: parallel int arrays ``user``, ``item`` (1-based ids), ``time``."""
-
-    user: np.ndarray
-    item: np.ndarray
-    time: np.ndarray
-    num_items: int  # largest item id; id 0 is the padding
 
 
 @dataclass(frozen=True)
@@ -77,24 +73,6 @@ class Split:
     val: Examples
     test: Examples
     num_items: int
-
-
-def ml100k_dir() -> Path:
-    """The ``dataset_example/ml-100k`` folder of the installed recbole wheel (not imported)."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or spec.origin is None:
-        raise DataError(
-            "MovieLens-100K comes from the recbole wheel: "
-            "pip install --no-deps recbole==1.2.1 (bash simulation/setup.sh does it)"
-        )
-    return Path(spec.origin).parent / "dataset_example" / "ml-100k"
-
-
-def load_ml100k(data_dir: str | None = None) -> Ratings:
-    """MovieLens-100K (943 users, 1,682 items, 100,000 ratings) from recbole's typed TSV."""
-    path = Path(data_dir) / "ml-100k.inter" if data_dir else ml100k_dir() / "ml-100k.inter"
-    raw = np.loadtxt(path, delimiter="\t", skiprows=1, dtype=np.int64, usecols=(0, 1, 3))
-    return Ratings(raw[:, 0], raw[:, 1], raw[:, 2], int(raw[:, 1].max()))
 
 
 def load_ml1m(data_dir: str | None = None, download: bool = True) -> Ratings:  # pragma: no cover
@@ -129,10 +107,7 @@ def timelines(
     right to ``max_context`` and label ``items[j]``; users with fewer than ``min_length`` items
     give nothing; at most ``max_examples`` examples (the first ``max_examples`` positions).
     """
-    order = np.lexsort((ratings.item, ratings.time, ratings.user))
-    u, it = ratings.user[order], ratings.item[order]
-    bounds = np.flatnonzero(np.diff(u)) + 1
-    per_user = dict(zip(u[np.r_[0, bounds]].tolist(), np.split(it, bounds), strict=True))
+    per_user = user_timelines(ratings)
     ctx, lab, who = [], [], []
     for user in per_user if users is None else users:
         items = per_user.get(int(user), np.empty(0, np.int64))

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowerbed.common.embedding import spreadout_sq
+
 EMBEDDING_DIM = 16
 HINGE_MARGIN = 0.9
 SPREADOUT_LAMBDA = 0.001
@@ -182,13 +184,10 @@ def table_spreadout(model: DualEncoder, lam: float) -> torch.Tensor:
     table ``T`` (padding row excluded): batch-insensitive, it pushes every pair of items apart
     whatever the batch holds.
 
-    Computed without the ``V x V`` matrix: ``sum_ij (T T^T)_ij^2 = ||T^T T||_F^2`` (a
-    ``d x d`` Gram matrix), minus the diagonal ``sum_i ||t_i||^4``; the same value as
+    Computed without the ``V x V`` matrix by :func:`flowerbed.common.embedding.spreadout_sq`
+    (``||T^T T||_F^2 - sum_i ||t_i||^4``, a ``d x d`` Gram matrix): the same value as
     ``spreadout(T @ T.T)`` in ``O(V d^2)`` instead of ``O(V^2 d)``."""
-    t = model.table()
-    full = (t.T @ t).pow(2).sum()
-    diag = t.pow(2).sum(-1).pow(2).sum()
-    return lam * (full - diag).clamp_min(1e-12).sqrt()
+    return lam * spreadout_sq(model.table(), normalize=False).clamp_min(1e-12).sqrt()
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -1,11 +1,15 @@
 """The Mixed FL app's method table: the paper's three algorithms, then the baselines of the
-blending comparison (FedAvg on the clients' data, server-only, the oracle)."""
+blending comparison (FedAvg on the clients' data, server-only, the oracle), then the offloading
+scenario (the spreadout regulariser at the server, and the baseline that computes it on every
+client; flag ``scenario = "offload"``)."""
 
 from __future__ import annotations
 
 from flowerbed.common.methods import Method, MethodTable
 from flowerbed.strategies.baselines import baseline_methods, guard_kwargs, make_centralized
 from flowerbed.strategies.mixed_fl import MixedFL
+from flowerbed.strategies.mixed_fl_offload import make_offload
+from mixedfl import offload
 from mixedfl.task import client_train
 
 
@@ -54,5 +58,23 @@ METHODS = MethodTable(
         "centralized on everything: the clients' data and the server's pooled (no messages)",
         strategy=make_centralized,
         flags={"central-data": "all"},
+    ),
+    Method(
+        "offload",
+        "paper",
+        "offloading: spreadout f_c on the item table at the server; clients get and return "
+        "only their own rows (PARALLEL TRAINING, sparse)",
+        strategy=lambda cfg, **ctx: make_offload(cfg, mode="offload", **ctx),
+        client=offload.client_train,
+        flags={"scenario": "offload"},
+    ),
+    Method(
+        "offload-baseline",
+        "baseline",
+        "no offloading: every client downloads the whole item table and adds the spreadout "
+        "f_c to its loss (FedAvg)",
+        strategy=lambda cfg, **ctx: make_offload(cfg, mode="baseline", **ctx),
+        client=offload.client_train,
+        flags={"scenario": "offload"},
     ),
 )

@@ -52,6 +52,10 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "w-f": C.Option(0.7, C.non_negative, "federated loss weight >= 0"),
         "w-c": C.Option(0.3, C.non_negative, "centralized loss weight >= 0"),
         "server-lr": C.Option(1.0, C.positive, "server learning rate eta_s > 0"),
+        # offloading scenario (methods offload, offload-baseline; mixedfl.offload)
+        "offload-users": C.Option(0, C.non_negative, "MovieLens-100K users kept (0 = all) >= 0"),
+        "embedding-dim": C.Option(16, C.positive, "item embedding width > 0"),
+        "spreadout-lambda": C.Option(1e-3, C.non_negative, "lambda of f_c = spreadout >= 0"),
     },
     num_server_rounds=50,
     fraction_train=0.25,

@@ -158,7 +158,11 @@ def test_server_side_gradient_and_steps():
     assert float(after) < float(before)
 
 
-@pytest.mark.parametrize("method", METHODS.names)
+#: the blending methods (the offloading ones run in test_mixed_fl_offload.py)
+BLENDING = [m for m in METHODS.names if METHODS[m].flag("scenario") != "offload"]
+
+
+@pytest.mark.parametrize("method", BLENDING)
 def test_every_method_runs(tmp_path, method):
     from flowerbed.simulation.local import run_local
 
