@@ -220,4 +220,4 @@ def test_tiny_student_learns_the_actions(tmp_path):
     trained = rec["extra"]["final"]["action_accuracy"]
     cfg = task.parse_config({**TINY, **LEARN, "method": "tof-fed-unguided"})
     untrained = task.evaluate(cfg, task.initial_arrays(cfg), None)["action_accuracy"]
-    assert untrained < 0.3 < 0.6 < trained, (untrained, trained)
+    assert untrained < 0.2 < 0.45 < trained, (untrained, trained)
