@@ -141,13 +141,28 @@ def build_model(name: str, seed: int, vocab_size: int = 64):
     raise ValueError(f"model {name!r}: one of {', '.join(MODELS)}")
 
 
-def with_lora(base, rank: int, alpha: int, targets: Sequence[str], seed: int):
+def with_lora(
+    base,
+    rank: int,
+    alpha: int,
+    targets: Sequence[str],
+    seed: int,
+    modules_to_save: Sequence[str] | None = None,
+):
     """``base`` with a fresh peft LoRA adapter on ``targets`` (no dropout): ``torch.manual_seed(seed)``
-    first, so ``A`` comes from ``seed`` and ``B = 0``."""
+    first, so ``A`` comes from ``seed`` and ``B = 0``. ``modules_to_save``: modules trained in
+    full and kept in the adapter's state dict (peft's option; e.g. the embeddings and head of
+    the random tiny model, which has nothing to adapt)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    conf = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+    conf = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(targets),
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+    )
     return get_peft_model(base, conf)
 
 

@@ -288,3 +288,73 @@ def test_a_missing_step_costs_success_not_inform():
     res = M.simulate(forgets_goodbye, GOALS, noise=0.0)
     assert res["inform"] == 1.0 and res["success"] == 0.0
     assert res["turns"] == pytest.approx(np.mean([len(g.path) + 2 for g in GOALS]))
+
+
+# ---------------------------------------------------------------------------- the tiny student
+def test_word_tokenizer_keeps_every_annotation_one_token():
+    from tofdistill.words import WordTokenizer, split
+
+    tok = WordTokenizer()
+    for task in D.TASKS:
+        for word in (task, *D.actions(task), *D.db_values(task)):
+            ids = tok.encode(word)
+            assert len(ids) == 1 and ids[0] > tok.UNK and tok.decode(ids) == word
+    assert split("Order #12, it's ask_2fa -> x") == [
+        "order", "#", "1", "2", ",", "it", "'", "s", "ask_2fa", "-", ">", "x",
+    ]  # fmt: skip
+    # a misspelt word of the user noise is unknown; decoding stops at the end of sequence
+    assert tok.encode("pacakge") == [tok.UNK]
+    assert tok.decode([*tok.encode("request_email goodbye"), tok.EOS, 5]) == "request_email goodbye"
+
+
+class _FixedLM:
+    """A fake causal LM: every position's logits are ``row`` (so log p of token ``v`` is
+    ``log_softmax(row)[v]`` everywhere)."""
+
+    def __init__(self, row):
+        import torch
+
+        self.row = torch.tensor(row, dtype=torch.float32)
+
+    def __call__(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        n, t = input_ids.shape
+        return SimpleNamespace(logits=self.row.expand(n, t, len(self.row)).clone())
+
+
+def test_target_logprobs_sum_the_target_and_eos_by_hand():
+    from tofdistill import task
+
+    c = task.codec("tiny")
+    v = c.vocab_size
+    uniform = task.target_logprobs(
+        _FixedLM([0.0] * v), c, [("User: hi\nAction:", " goodbye")], "cpu"
+    )
+    # two scored tokens (the action word, the end of sequence), each log(1/V); the prompt is not
+    assert uniform[0] == pytest.approx(-2 * math.log(v))
+    row = [0.0] * v
+    row[c.encode("goodbye")[0]] = math.log(3.0)  # p(goodbye) = 3 / (V + 2), p(eos) = 1 / (V + 2)
+    lp = task.target_logprobs(_FixedLM(row), c, [("a", " goodbye"), ("a", " request_email")], "cpu")
+    z = v + 2
+    assert lp[0] == pytest.approx(math.log(3 / z) + math.log(1 / z), abs=1e-5)
+    assert lp[1] == pytest.approx(2 * math.log(1 / z), abs=1e-5)
+
+
+def test_score_policy_takes_the_most_likely_action_of_the_service():
+    from tofdistill import task
+
+    cfg = task.parse_config({"model": "tiny", "decode": "score"})
+    c = task.codec("tiny")
+    row = [0.0] * c.vocab_size
+    row[c.encode("inform_price")[0]] = 2.0
+    state = M.State("hotel_booking", "ask_price", "what is the price", "", "offer_hotel")
+    pol = task.lm_policy(cfg, _FixedLM(row), lambda t: None)
+    assert pol([state]) == ["inform_price"]
+    # an action of another service is never a candidate, however likely
+    other = M.State("refund", "ask_refund_time", "when", "", "confirm_refund")
+    assert pol([other, state])[0] in D.actions("refund")
+    # ties: the first action in sorted order
+    assert task.lm_policy(cfg, _FixedLM([0.0] * c.vocab_size), lambda t: None)([other]) == [
+        D.actions("refund")[0]
+    ]

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import string
 from functools import lru_cache
 
 import numpy as np
@@ -30,6 +29,16 @@ from tofdistill import domains as D
 from tofdistill import flowchart as F
 from tofdistill import selection as S
 from tofdistill import simulate as M
+from tofdistill.words import WordTokenizer
+
+#: LoRA target sets: ``qv`` (the note's reading) or every linear layer of the LLaMA blocks
+LORA_TARGETS = {
+    "qv": ["q_proj", "v_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+#: how the student's action is read: free greedy generation, or the service's action with the
+#: highest likelihood (Reconstruction)
+DECODERS = ("generate", "score")
 
 SCHEMA: dict[str, C.Option] = C.compose(
     C.SCHEDULE,
@@ -50,6 +59,8 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "lr": C.Option(2e-4, C.positive, "AdamW learning rate of the adapter > 0"),
         "lora-rank": C.Option(8, C.positive, "LoRA rank > 0"),
         "lora-alpha": C.Option(16.0, C.positive, "LoRA alpha > 0"),
+        "lora-targets": C.Option("qv", choices=tuple(LORA_TARGETS), help="qv | all"),
+        "decode": C.Option("generate", choices=DECODERS, help="generate | score"),
         "max-new-tokens": C.Option(8, C.positive, "tokens generated per action > 0"),
         "eval-users": C.Option(10, C.positive, "simulated users per task > 0"),
         "extra-turns": C.Option(2, C.non_negative, "turns a user allows beyond its goal >= 0"),
@@ -60,8 +71,9 @@ SCHEMA: dict[str, C.Option] = C.compose(
 )
 
 TEST_SEED = 0x7E57  # the held-out simulated users: the same in every run
-LORA_TARGETS = ["q_proj", "v_proj"]
-ALPHABET = string.ascii_letters + string.digits + " _-[]=>:.,@#'?!/\n"
+#: trained in full (and averaged) for the tiny model only: its tied random embedding/head (std
+#: 0.02, width 32) caps every logit at ~0.6, so LoRA alone cannot make any token likely
+TINY_FULL = ("embed_tokens", "lm_head")
 
 
 class TaskPartitioner:
@@ -143,12 +155,12 @@ def examples(dialogues, texts) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------- the student
 class Codec:
-    """Text to ids and back: SmolLM2's tokenizer, or the character tokenizer of the tiny model."""
+    """Text to ids and back: SmolLM2's tokenizer, or the word tokenizer of the tiny model."""
 
     def __init__(self, name: str) -> None:
         if name == llm.TINY:
-            self.tok = llm.CharTokenizer(ALPHABET)
-            self.eos, self.pad = llm.CharTokenizer.EOS, llm.CharTokenizer.PAD
+            self.tok = WordTokenizer()
+            self.eos, self.pad = WordTokenizer.EOS, WordTokenizer.PAD
             self._encode = self.tok.encode
         else:
             self.tok = llm.load_tokenizer()
@@ -170,7 +182,7 @@ class Codec:
         ids = [int(i) for i in ids]
         if self.eos in ids:
             ids = ids[: ids.index(self.eos)]
-        if isinstance(self.tok, llm.CharTokenizer):
+        if isinstance(self.tok, WordTokenizer):
             return self.tok.decode(ids)
         return self.tok.decode(ids, skip_special_tokens=True)
 
@@ -181,14 +193,17 @@ def codec(name: str) -> Codec:
 
 
 def student(cfg):
-    """Base model + a LoRA adapter (A drawn from ``derive_seed(seed, 0x70F)``, B = 0)."""
+    """Base model + a LoRA adapter (A drawn from ``derive_seed(seed, 0x70F)``, B = 0); the tiny
+    model also trains its embeddings and head in full (:data:`TINY_FULL`)."""
     base = llm.build_model(cfg["model"], cfg["seed"], vocab_size=codec(cfg["model"]).vocab_size)
     seed = derive_seed(cfg["seed"], 0x70F)
-    model = llm.with_lora(base, cfg["lora-rank"], cfg["lora-alpha"], LORA_TARGETS, seed)
+    targets = LORA_TARGETS[cfg["lora-targets"]]
+    full = TINY_FULL if cfg["model"] == llm.TINY else None
+    model = llm.with_lora(base, cfg["lora-rank"], cfg["lora-alpha"], targets, seed, full)
     return model.to(get_device(cfg["device"]))
 
 
-_KEYS = ("model", "seed", "lora-rank", "lora-alpha", "device")
+_KEYS = ("model", "seed", "lora-rank", "lora-alpha", "lora-targets", "device")
 
 
 @lru_cache(maxsize=2)
@@ -265,8 +280,11 @@ def fine_tune(cfg, arrays: ArrayRecord, pairs, steps: int, seed: int):
 
 
 def lm_policy(cfg, model, texts, batch: int = 16) -> M.Policy:
-    """The student as a policy: greedy decoding of at most ``max-new-tokens`` tokens; the action
-    is the first word of the first line of the completion."""
+    """The student as a policy (``decode``): ``generate``, greedy decoding of at most
+    ``max-new-tokens`` tokens, the action being the first word of the first line of the
+    completion; or ``score``, :func:`score_policy`."""
+    if cfg["decode"] == "score":
+        return score_policy(cfg, model, texts)
     c = codec(cfg["model"])
     dev = get_device(cfg["device"])
 
@@ -293,6 +311,41 @@ def lm_policy(cfg, model, texts, batch: int = 16) -> M.Policy:
                 words = c.decode(row).split("\n")[0].split()
                 out.append(words[0] if words else "")
         return out
+
+    return act
+
+
+@torch.no_grad()
+def target_logprobs(model, c: Codec, pairs, device, batch: int = 64) -> np.ndarray:
+    """``log p(target + EOS | prompt)`` under ``model`` for every ``(prompt, target)``: the sum
+    of the log-probabilities of the target's tokens and the end of sequence (the tokens the loss
+    of :func:`fine_tune` is on)."""
+    out = []
+    for i in range(0, len(pairs), batch):
+        ids, att, lab = _batch(c, pairs[i : i + batch], device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1], -1)
+        gold = lab[:, 1:]
+        mask = gold != -100
+        tok = logp.gather(-1, gold.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((tok * mask).sum(1).double().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def score_policy(cfg, model, texts) -> M.Policy:
+    """The student as a ranker (Reconstruction; the paper's student generates free text): the
+    action of the state's service (its public action inventory, :func:`domains.actions`) with
+    the highest :func:`target_logprobs`; ties go to the first in sorted order."""
+    c = codec(cfg["model"])
+    dev = get_device(cfg["device"])
+
+    def act(states) -> list[str]:
+        rows, spans = [], []
+        for s in states:
+            p, cands = M.prompt(s, texts(s.task)), D.actions(s.task)
+            spans.append((len(rows), cands))
+            rows += [(p, M.target(a)) for a in cands]
+        lp = target_logprobs(model, c, rows, dev)
+        return [cands[int(np.argmax(lp[k : k + len(cands)]))] for k, cands in spans]
 
     return act
 
