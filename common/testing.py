@@ -105,6 +105,36 @@ class FakeGrid:
         return list(self.node_ids)
 
 
+class ScriptGrid(FakeGrid):
+    """A FakeGrid that answers from a script: ``handlers[node][message_type](content) ->
+    RecordDict``; node ``n`` is partition ``n - 1``. Every scripted message is kept in ``sent`` as
+    ``(message_type, node, content)``. A ``query`` message without a handler (the partition-id
+    query of client sampling) gets ``partition-id = n - 1`` and ``num-partitions`` (default: the
+    number of nodes) and is not kept.
+    """
+
+    def __init__(self, handlers, num_partitions: int | None = None):
+        super().__init__(sorted(handlers))
+        self.handlers = handlers
+        self.num_partitions = len(handlers) if num_partitions is None else int(num_partitions)
+        self.sent: list = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import MetricRecord
+
+        out = []
+        for m in messages:
+            node, kind = m.metadata.dst_node_id, m.metadata.message_type
+            if kind == "query" and kind not in self.handlers[node]:
+                metrics = {"partition-id": node - 1, "num-partitions": self.num_partitions}
+                content = RecordDict({"metrics": MetricRecord(metrics)})
+            else:
+                self.sent.append((kind, node, m.content))
+                content = self.handlers[node][kind](m.content)
+            out.append(mock_reply(content, node_id=node, message_type=kind))
+        return out
+
+
 # ---------------------------------------------------------------------------- pytest plugin
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

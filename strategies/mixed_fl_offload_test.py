@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.common.protocol import Protocol
-from flowerbed.common.testing import FakeGrid, mock_reply
+from flowerbed.common.testing import ScriptGrid, mock_reply
 from flowerbed.strategies.mixed_fl_offload import (
     IDS,
     IDS_TYPE,
@@ -26,29 +26,6 @@ from flowerbed.strategies.mixed_fl_offload import (
 R = 1 / math.sqrt(2)
 #: padding row, then unit rows (1,0), (r,r), (0,1): spreadout gradient by hand in the tests
 TABLE3 = np.array([[0, 0], [1, 0], [R, R], [0, 1]], dtype=np.float32)
-
-
-class ScriptGrid(FakeGrid):
-    """Node ``n`` is partition ``n - 1``; ``handlers[n][message_type](content) -> RecordDict``."""
-
-    def __init__(self, handlers):
-        super().__init__(sorted(handlers))
-        self.handlers = handlers
-        self.sent = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for m in messages:
-            node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            if kind == "query":
-                content = RecordDict(
-                    {"metrics": MetricRecord({"partition-id": node - 1, "num-partitions": 2})}
-                )
-            else:
-                self.sent.append((kind, node, m.content))
-                content = self.handlers[node][kind](m.content)
-            out.append(mock_reply(content, node_id=node, message_type=kind))
-        return out
 
 
 def _metrics(n: int) -> MetricRecord:

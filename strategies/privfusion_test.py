@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from flowerbed.common.protocol import Protocol
-from flowerbed.common.testing import FakeGrid, mock_reply
+from flowerbed.common.testing import ScriptGrid, mock_reply
 from flowerbed.strategies.privfusion import (
     ALIGN,
     FUSE,
@@ -28,24 +28,6 @@ def _arrays(value: float, shape=(2, 3), dtype=np.float32) -> ArrayRecord:
 
 def _acts(value: float = 0.5) -> ArrayRecord:
     return ArrayRecord({"act.0": Array(np.full((2, 2), value, np.float32))})
-
-
-class ScriptGrid(FakeGrid):
-    """Answers each phase from a script: node id -> ``handler(content) -> RecordDict``; node
-    ``n`` is partition ``n - 1``. Every message sent is kept in ``sent``."""
-
-    def __init__(self, handlers):
-        super().__init__(sorted(handlers))
-        self.handlers = handlers
-        self.sent = []
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
-        for m in messages:
-            node, kind = m.metadata.dst_node_id, m.metadata.message_type
-            self.sent.append((kind, node, m.content))
-            out.append(mock_reply(self.handlers[node][kind](m.content), node_id=node))
-        return out
 
 
 def _party(pid: int, weight: float, eps: float, acts: float = 0.5, adapter: float = 0.3):
