@@ -205,7 +205,15 @@ def _deploy(mode: str, ov: dict, clients: int, workdir: Path) -> list[dict]:
 
     start = {"deploy": "warm", "deploy-spawn": "spawn", "deploy-flower": "flower"}[mode]
     shutil.rmtree(workdir, ignore_errors=True)
-    with Deployment(workdir, clientapp_exec=start, timings=start != "flower") as d:
+    poll = float(os.environ.get("FLOWERBED_BENCH_SUPERNODE_POLL", "0")) or None
+    db = workdir / "superlink.db" if os.environ.get("FLOWERBED_BENCH_SUPERLINK_DB") else None
+    with Deployment(
+        workdir,
+        clientapp_exec=start,
+        timings=start != "flower",
+        supernode_poll=poll if start != "flower" else None,
+        database=db,
+    ) as d:
         d.start_superlink()
         for i in range(clients):
             d.add_supernode(i, clients)
@@ -689,6 +697,18 @@ def main(argv: list[str] | None = None) -> None:
         help="deployment group ('' to skip); plain, inprocess, deploy, deploy-spawn, deploy-flower",
     )
     ap.add_argument("--deploy-clients", type=int, default=3, help="SuperNodes (all sampled)")
+    ap.add_argument(
+        "--supernode-poll",
+        type=float,
+        default=0.2,
+        help="deploy, deploy-spawn: cap (s) on the SuperNodes' waits "
+        "(flowerbed.simulation.supernode, default 0.2); 0: Flower's flower-supernode",
+    )
+    ap.add_argument(
+        "--superlink-db",
+        action="store_true",
+        help="deployment modes: the SuperLink's state in an SQLite file (default: in memory)",
+    )
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--scale", action="store_true", help="also 1000 virtual clients (inprocess)")
     ap.add_argument(
@@ -742,6 +762,9 @@ def main(argv: list[str] | None = None) -> None:
             rows += measure_modes(["inprocess"], 1000, a.per_round, a.rounds, tmp, num_gpus=a.gpus)
         out.append(report(rows, a.per_round))
     if deploy_modes:
+        # read by the child processes' _deploy (they inherit the environment)
+        os.environ["FLOWERBED_BENCH_SUPERNODE_POLL"] = str(a.supernode_poll)
+        os.environ["FLOWERBED_BENCH_SUPERLINK_DB"] = "1" if a.superlink_db else ""
         n = a.deploy_clients
         local_tensors("fashion_mnist", 0, n, "iid", 0)
         rows = measure_modes(deploy_modes, n, n, a.rounds, tmp, a.repeat, num_cpus=actor_cpus(n))

@@ -13,10 +13,14 @@ Two settings make a deployed round cost what a simulated one costs:
   every ClientApp process from a process that has imported torch and flowerbed already;
   ``"spawn"`` is the same executor with a fresh interpreter per task; ``"flower"`` is Flower's
   default (``--isolation subprocess``: ``flower-superexec`` starts ``flwr-clientapp``);
-- SuperNode waits (``supernode_poll``, default None: Flower's ``flower-supernode`` unchanged):
-  a number runs each SuperNode through :mod:`flowerbed.simulation.supernode`, Flower's own
-  ``flower-supernode`` with its idle poll of the SuperLink (3 s) and its other sleeps capped at
-  that many seconds. Measured with 0.2 s it did not make the round faster (README).
+- SuperNode waits (``supernode_poll``, default 0.2 s): each SuperNode runs through
+  :mod:`flowerbed.simulation.supernode`, Flower's own ``flower-supernode`` with its idle poll of
+  the SuperLink (3 s) and its other sleeps capped at that many seconds (None: Flower's
+  ``flower-supernode`` unchanged);
+- SuperLink state (``database``, default None): in memory, as ``flower-superlink`` keeps it
+  without ``--database``; a path keeps it in SQLite, which costs the SuperLink about twice the
+  CPU per round (SQL writes for every message and object), taken from the ClientApps' cores on
+  a loopback deployment.
 
 Also the process helpers other tests use (:func:`stop_tree`).
 """
@@ -198,7 +202,8 @@ class Deployment:
         auth: bool = True,
         clientapp_exec: str = "warm",
         timings: bool = False,
-        supernode_poll: float | None = None,
+        supernode_poll: float | None = 0.2,
+        database: str | Path | None = None,
     ):
         """
         Parameters
@@ -213,9 +218,14 @@ class Deployment:
             With ``warm`` or ``spawn``: every ClientApp task appends its timings to
             ``<workdir>/timings-<partition>.jsonl``
             (:mod:`flowerbed.simulation.clientapp_exec`).
-        supernode_poll : float or None, default None
+        supernode_poll : float or None, default 0.2
             Cap (s) on the SuperNodes' sleeps between looks at the SuperLink
-            (:mod:`flowerbed.simulation.supernode`); None: Flower's ``flower-supernode`` as it is.
+            (:mod:`flowerbed.simulation.supernode`); None: Flower's ``flower-supernode`` as it is
+            (3 s after every look that found no message).
+        database : str or Path or None, default None
+            The SuperLink's state: None keeps it in memory (Flower's default, ``InMemoryLinkState``);
+            a path keeps it in that SQLite file (Flower's ``SqlLinkState``: the runs survive a
+            SuperLink restart, at the cost of SQL writes for every message and object).
         """
         if clientapp_exec not in CLIENTAPP_EXEC:
             raise ValueError(
@@ -228,6 +238,7 @@ class Deployment:
         if supernode_poll is not None and not supernode_poll > 0:
             raise ValueError(f"supernode_poll={supernode_poll}: must be > 0 seconds or None")
         self.supernode_poll = supernode_poll
+        self.database = database
         self.secret: Path | None = None
         if tls and clientapp_exec != "flower":  # the executor authenticates to the Runtime API
             self.secret = self.dir / "superexec.secret"
@@ -279,7 +290,8 @@ class Deployment:
         p = self.dir / f"{name}.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
-    def start_superlink(self, timeout: float = 120) -> subprocess.Popen:
+    def superlink_cmd(self) -> list[str]:
+        """The ``flower-superlink`` command line of this deployment."""
         cmd = [
             str(BIN / "flower-superlink"),
             "--disable-runtime-dependency-installation",
@@ -287,9 +299,9 @@ class Deployment:
             "127.0.0.1",
             "--port",
             str(self.port),
-            "--database",
-            str(self.dir / "superlink.db"),
         ]
+        if self.database is not None:
+            cmd += ["--database", str(self.database)]
         if self.tls:
             cmd += [
                 "--ssl-ca-certfile",
@@ -303,7 +315,10 @@ class Deployment:
             cmd += ["--insecure"]
         if self.auth:
             cmd += ["--enable-supernode-auth"]
-        proc = self._start("superlink", cmd)
+        return cmd
+
+    def start_superlink(self, timeout: float = 120) -> subprocess.Popen:
+        proc = self._start("superlink", self.superlink_cmd())
         wait_port(self.port, proc, timeout)
         return proc
 
@@ -468,9 +483,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--supernode-poll",
         type=float,
-        default=0.0,
-        help="cap (s) on the SuperNodes' waits between looks at the SuperLink (Flower's: 3 s "
-        "when idle); 0 (default): Flower's flower-supernode unchanged",
+        default=0.2,
+        help="cap (s) on the SuperNodes' waits between looks at the SuperLink (default 0.2; "
+        "Flower's: 3 s when idle); 0: Flower's flower-supernode unchanged",
+    )
+    ap.add_argument(
+        "--database",
+        default=None,
+        help="SQLite file for the SuperLink's state (survives a SuperLink restart); "
+        "default: in memory, as Flower's flower-superlink",
     )
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
@@ -498,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         auth=secure,
         clientapp_exec=args.clientapp_exec,
         supernode_poll=poll,
+        database=args.database,
     ) as d:
         try:
             d.start_superlink()
@@ -507,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[flowerbed-deploy] {args.num_supernodes} SuperNodes started "
                 f"({threads} torch thread(s) each, ClientApp start: {args.clientapp_exec}, "
-                f"SuperNode poll: {f'{poll} s' if poll else 'Flower'})",
+                f"SuperNode poll: {f'{poll} s' if poll else 'Flower'}, "
+                f"SuperLink state: {args.database or 'in memory'})",
                 flush=True,
             )
             p = d.run(args.app, run_config, timeout=args.timeout)

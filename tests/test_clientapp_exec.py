@@ -94,3 +94,34 @@ def test_gpu_sample_parsing():
     util, mem = parse_gpu("37\n63\n", "1234, 500\n1234, 20\n99, 1000\nbad line\n")
     assert util == 50.0 and mem == {1234: 520, 99: 1000}
     assert parse_gpu("", "") is None
+
+
+def test_warm_torch_keeps_threads_and_starts_none():
+    import torch
+
+    from flowerbed.simulation.clientapp_exec import warm_torch
+
+    before = (torch.get_num_threads(), len(os.listdir("/proc/self/task")))
+    warm_torch()
+    assert (torch.get_num_threads(), len(os.listdir("/proc/self/task"))) == before
+
+
+@pytest.mark.parametrize("start,warmed", [("warm", True), ("spawn", False)])
+def test_only_the_warm_executor_warms_torch_before_it_forks(start, warmed, monkeypatch):
+    from flowerbed.simulation import clientapp_exec as ce
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def no_client(*a, **k):  # the executor's first step after its warm-up
+        calls.append("client")
+        raise Stop
+
+    monkeypatch.setattr(ce, "warm_torch", lambda: calls.append("warm"))
+    monkeypatch.setattr(ce, "runtime_client", no_client)
+    args = ce.parser().parse_args(["--runtime-api-address", "127.0.0.1:1", "--start", start])
+    with pytest.raises(Stop):
+        ce.serve(args)
+    assert calls == (["warm", "client"] if warmed else ["client"])

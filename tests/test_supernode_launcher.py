@@ -34,6 +34,16 @@ def test_deployment_starts_the_launcher_or_flower_unchanged(tmp_path):
     with pytest.raises(ValueError, match="supernode_poll=0"):
         Deployment(tmp_path / "a", tls=False, auth=False, supernode_poll=0)
     d = Deployment(tmp_path / "b", tls=False, auth=False)
-    assert d.supernode_poll is None  # Flower's flower-supernode unless asked
-    d = Deployment(tmp_path / "c", tls=False, auth=False, supernode_poll=0.2)
-    assert d.supernode_poll == 0.2
+    assert d.supernode_poll == 0.2  # the launcher with capped waits unless asked
+    d = Deployment(tmp_path / "c", tls=False, auth=False, supernode_poll=None)
+    assert d.supernode_poll is None  # Flower's flower-supernode unchanged
+
+
+def test_superlink_state_in_memory_unless_a_database_is_given(tmp_path):
+    from flowerbed.simulation.deploy import Deployment
+
+    cmd = Deployment(tmp_path / "a", tls=False, auth=False).superlink_cmd()
+    assert "--database" not in cmd  # Flower's in-memory LinkState
+    db = tmp_path / "b" / "superlink.db"
+    cmd = Deployment(tmp_path / "b", tls=False, auth=False, database=db).superlink_cmd()
+    assert cmd[cmd.index("--database") + 1] == str(db)
