@@ -93,12 +93,19 @@ def rows(runs: list[dict]) -> list[dict]:
 CONTROLS = ("sync-every", "client-lr-scale", "grad-dp-clip", "grad-dp-noise")
 
 
+def _mean_std(v: list[float]) -> str:
+    """``mean ± std`` (sample std, ddof 1) over seeds; the mean alone for one value."""
+    if len(v) == 1:
+        return f"{v[0]:.4f}"
+    return f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
+
+
 def gap_table(runs: list[dict]) -> str:
     """The split/centralized controls: one row per split run without hidden-state noise that
-    has a centralized run of the
-    same schedule, seed and number of clients (final evaluation loss, ratio), then the mean,
-    min and max ratio over seeds of each control setting (clients, sync-every, client-lr-scale,
-    gradient DP)."""
+    has a centralized run of the same schedule, seed and number of clients (final evaluation
+    loss, ratio), then per control setting (clients, sync-every, client-lr-scale, gradient DP)
+    over its seeds: the ratio's mean ± sample standard deviation (ddof 1), min and max, and the
+    split and centralized losses and the split accuracy as mean ± std."""
     central = {
         (_key(r), r["config"]["num-server-rounds"]): r
         for r in runs
@@ -115,11 +122,12 @@ def gap_table(runs: list[dict]) -> str:
             *(cfg.get(k, d) for k, d in zip(CONTROLS, (0, 1.0, 0.0, 0.0), strict=True)),
         )
         loss, cen = r["rounds"][-1]["server_loss"], ref["rounds"][-1]["server_loss"]
-        groups.setdefault(ctl, []).append(loss / cen)
+        acc = r["rounds"][-1]["server_accuracy"]
+        groups.setdefault(ctl, []).append((loss / cen, loss, cen, acc))
         lines.append(
             f"| {ctl[0]} | {ctl[1]} | {ctl[2]:g} | {ctl[3]:g} / {ctl[4]:g} | {cfg['seed']} "
             f"| {loss:.4f} | {cen:.4f} | {loss / cen:.4f} "
-            f"| {r['rounds'][-1]['server_accuracy']:.4f} | {r.get('git_commit', '')[:7]} |"
+            f"| {acc:.4f} | {r.get('git_commit', '')[:7]} |"
         )
     head = (
         "| clients | sync-every | client-lr-scale | grad DP clip / noise | seed | split loss "
@@ -127,14 +135,18 @@ def gap_table(runs: list[dict]) -> str:
     )
     summ = (
         "\n| clients | sync-every | client-lr-scale | grad DP clip / noise | seeds "
-        "| ratio mean | min | max |\n|---|---|---|---|---|---|---|---|\n"
+        "| ratio mean ± std | min | max | split loss | centralized loss | split accuracy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    summ += "\n".join(
-        f"| {c[0]} | {c[1]} | {c[2]:g} | {c[3]:g} / {c[4]:g} | {len(v)} | {np.mean(v):.4f} "
-        f"| {min(v):.4f} | {max(v):.4f} |"
-        for c, v in sorted(groups.items(), key=lambda kv: tuple(map(float, kv[0])))
-    )
-    return head + "\n".join(lines) + "\n" + summ + "\n"
+    rows_ = []
+    for c, v in sorted(groups.items(), key=lambda kv: tuple(map(float, kv[0]))):
+        ratio, loss, cen, acc = (list(x) for x in zip(*v, strict=True))
+        rows_.append(
+            f"| {c[0]} | {c[1]} | {c[2]:g} | {c[3]:g} / {c[4]:g} | {len(v)} | {_mean_std(ratio)} "
+            f"| {min(ratio):.4f} | {max(ratio):.4f} | {_mean_std(loss)} | {_mean_std(cen)} "
+            f"| {_mean_std(acc)} |"
+        )
+    return head + "\n".join(lines) + "\n" + summ + "\n".join(rows_) + "\n"
 
 
 def _fmt(v, spec: str = ".4f") -> str:

@@ -10,7 +10,7 @@ from flowerbed.common.testing import app_path
 APP = app_path("fl-llama")
 
 from flllama import attack as A  # noqa: E402
-from flllama import bench, report  # noqa: E402
+from flllama import bench, experiments, report  # noqa: E402
 from flllama import data as D  # noqa: E402
 from flllama.model import tiny_llama  # noqa: E402
 from flllama.split import SplitLlama, noise_std  # noqa: E402
@@ -144,10 +144,48 @@ def test_gap_table_pairs_by_clients_and_seed_and_averages_ratios_by_hand():
     text = report.gap_table(runs)
     assert "| 1 | 0 | 1 | 0 / 0 | 1 | 4.0000 | 4.0000 | 1.0000 |" in text
     assert "| 2 | 0 | 1 | 0 / 0 | 2 | 1.3000 | 1.0000 | 1.3000 |" in text
-    # 2 clients, defaults: ratios 1.1 (seed 1) and 1.3 (seed 2): mean 1.2
-    assert "| 2 | 0 | 1 | 0 / 0 | 2 | 1.2000 | 1.1000 | 1.3000 |" in text
-    assert "| 2 | 0 | 2 | 0 / 0 | 1 | 1.0500 | 1.0500 | 1.0500 |" in text
+    # 2 clients, defaults: ratios 1.1 (seed 1) and 1.3 (seed 2): mean 1.2, sample std
+    # sqrt(((-0.1)^2 + 0.1^2) / (2 - 1)) = 0.1414 (ddof 0 would give 0.1000); split losses
+    # 2.2 and 1.3: 1.75 ± 0.6364; centralized 2.0 and 1.0: 1.5 ± 0.7071; accuracy 0.5 both
+    assert (
+        "| 2 | 0 | 1 | 0 / 0 | 2 | 1.2000 ± 0.1414 | 1.1000 | 1.3000 | 1.7500 ± 0.6364 "
+        "| 1.5000 ± 0.7071 | 0.5000 ± 0.0000 |"
+    ) in text
+    # one seed: the value alone
+    assert "| 2 | 0 | 2 | 0 / 0 | 1 | 1.0500 | 1.0500 | 1.0500 | 2.1000 | 2.0000 | 0.5000 |" in text
     assert "9.0000" not in text
+
+
+# ---------------------------------------------------------------------------- one command
+def test_experiments_plan_has_every_readme_sweep_and_keeps_finished_ones(tmp_path):
+    """The one command: the table's five sweeps (centralized, sigma 0 / 0.02,0.05 / 0.1, no
+    compression), the controls at seeds 43,44 and the gradient-DP noise sweep, each on the
+    README's schedule; a sweep whose folder already holds one results.json per job is kept."""
+    steps = experiments.plan(tmp_path)
+    cmds = [" ".join(c) for c, _ in steps]
+    assert len(steps) == len(experiments.SWEEPS) and not any(d for _, d in steps)
+    for c in cmds:
+        assert all(o in c for o in experiments.COMMON) and " -m " in c
+    table = [c for c in cmds if "fl-llama-table" in c]
+    assert len(table) == 5 and sum("method=centralized" in c for c in table) == 1
+    assert any("sigma=0.02,0.05" in c for c in table) and any("sigma=0.1 " in c for c in table)
+    assert any("mask-compression=false" in c for c in table)
+    assert sum("seed=43,44" in c for c in cmds) == 4  # centralized, split, sync-every 1, lr x2
+    assert any("grad-dp-noise=0.05,0.1,0.3" in c and "grad-dp-clip=0.04" in c for c in cmds)
+    assert [c for c, _ in experiments.plan(tmp_path, ("gdp",))] == [c for c, _ in steps[-2:]]
+
+    ov = ("seed=43,44", "++run_config.sigma=0.02,0.05,0.1", "app=fl-llama")
+    assert experiments.jobs(ov) == 6
+    folder = tmp_path / "fl-llama-gap" / "split-gdp2"
+    for i in range(2):
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / "results.json").write_text("{}")
+    assert not experiments.plan(tmp_path, ("gdp",))[-1][1]  # 2 of 3 runs: not done
+    (folder / "2").mkdir()
+    (folder / "2" / "results.json").write_text("{}")
+    assert experiments.plan(tmp_path, ("gdp",))[-1][1]
+    with pytest.raises(SystemExit, match="unknown group 'x'"):
+        experiments.main(["--only", "x", "--out", str(tmp_path)])
 
 
 # ---------------------------------------------------------------------------- benchmark
