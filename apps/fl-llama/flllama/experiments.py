@@ -74,6 +74,11 @@ SWEEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "fl-llama-gap/split-gdp2",
         (SPLIT, "++run_config.grad-dp-clip=0.04", "++run_config.grad-dp-noise=0.05,0.1,0.3"),
     ),
+    (
+        "gdp",
+        "fl-llama-gap/split-gdp3",
+        (SPLIT, "++run_config.grad-dp-clip=0.04", "++run_config.grad-dp-noise=0.003,0.01"),
+    ),
 )
 GROUPS = ("table", "gap", "gdp")
 
