@@ -3,6 +3,7 @@ split/centralized controls (3 seeds) and of the gradient-DP rows, then the two r
 
     python -m flllama.experiments                     # all sweeps that have no results yet, then both tables
     python -m flllama.experiments --only gdp          # one group: table, gap or gdp
+    python -m flllama.experiments --match sigma-s43   # only the sweeps whose folder matches
     python -m flllama.experiments --dry-run           # print the runner commands, run nothing
 
 Run from the repository root or from ``apps/fl-llama``; outputs go to ``--out`` (default
@@ -52,6 +53,9 @@ SWEEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     ("table", "fl-llama-table/sigma-a", (SPLIT, "++run_config.sigma=0.02,0.05")),
     ("table", "fl-llama-table/sigma-b", (SPLIT, "++run_config.sigma=0.1")),
+    # session 6: the sigma sweep at seeds 43 and 44 (sigma 0 and centralized: the gap sweeps)
+    ("table", "fl-llama-table/sigma-s43", (SPLIT, "++run_config.sigma=0.02,0.05,0.1", "seed=43")),
+    ("table", "fl-llama-table/sigma-s44", (SPLIT, "++run_config.sigma=0.02,0.05,0.1", "seed=44")),
     ("gap", "fl-llama-gap/central-k1", ("app.num_supernodes=1", CENTRAL)),
     ("gap", "fl-llama-gap/split-k1", ("app.num_supernodes=1", SPLIT)),
     ("gap", "fl-llama-gap/central-s", (CENTRAL, "seed=43,44")),
@@ -106,12 +110,15 @@ def command(out: Path, folder: str, overrides: tuple[str, ...]) -> list[str]:
     ]
 
 
-def plan(out: Path, only: tuple[str, ...] = GROUPS) -> list[tuple[list[str], bool]]:
-    """Every sweep of the selected groups: (command, already done)."""
+def plan(
+    out: Path, only: tuple[str, ...] = GROUPS, match: str = ""
+) -> list[tuple[list[str], bool]]:
+    """Every sweep of the selected groups (and whose folder contains ``match``): (command,
+    already done)."""
     return [
         (command(out, folder, ov), done(out / folder, COMMON + ov))
         for group, folder, ov in SWEEPS
-        if group in only
+        if group in only and match in folder
     ]
 
 
@@ -119,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "outputs"))
     ap.add_argument("--only", default=",".join(GROUPS), help="comma list of: table, gap, gdp")
+    ap.add_argument("--match", default="", help="only the sweeps whose folder contains this")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
     out, only = Path(args.out).resolve(), tuple(args.only.split(","))
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise SystemExit(f"--only: unknown group {bad[0]!r} (known: {', '.join(GROUPS)})")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    steps = plan(out, only)
+    steps = plan(out, only, args.match)
     print(f"[experiments] {sys.executable} -m flowerbed.simulation.runner -m {' '.join(COMMON)}")
     for i, (cmd, finished) in enumerate(steps, 1):
         tag = "kept (results exist)" if finished else ("would run" if args.dry_run else "running")

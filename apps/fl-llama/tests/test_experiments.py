@@ -170,7 +170,12 @@ def test_experiments_plan_has_every_readme_sweep_and_keeps_finished_ones(tmp_pat
     for c in cmds:
         assert all(o in c for o in experiments.COMMON) and " -m " in c
     table = [c for c in cmds if "fl-llama-table" in c]
-    assert len(table) == 5 and sum("method=centralized" in c for c in table) == 1
+    assert len(table) == 7 and sum("method=centralized" in c for c in table) == 1
+    for seed in (43, 44):  # the sigma sweep again at the gap sweeps' seeds
+        assert any(f"sigma=0.02,0.05,0.1 seed={seed} " in c for c in table)
+    assert [c for c, _ in experiments.plan(tmp_path, match="sigma-s4")] == [
+        c for c in (c for c, _ in steps) if "sigma-s4" in " ".join(c)
+    ]
     assert any("sigma=0.02,0.05" in c for c in table) and any("sigma=0.1 " in c for c in table)
     assert any("mask-compression=false" in c for c in table)
     assert sum("seed=43,44" in c for c in cmds) == 4  # centralized, split, sync-every 1, lr x2
