@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     from flllama import report
 
-    if "table" in only:
-        report.main([str(out / "fl-llama-table")])
+    if "table" in only:  # + the centralized and sigma-0 runs of seeds 43, 44 (gap sweeps)
+        gap = out / "fl-llama-gap"
+        report.main([str(out / "fl-llama-table"), str(gap / "central-s"), str(gap / "split-s")])
     if {"gap", "gdp"} & set(only):
         report.main(["--gap", str(out / "fl-llama-gap"), str(out / "fl-llama-table")])
 

@@ -1,13 +1,15 @@
 """The FL-LLaMA results table: split training vs centralized LoRA, the sigma sweep and the bytes
 per step with and without mask compression, from the ``results.json`` files of the runs.
 
-    python -m flllama.report outputs/fl-llama-table          # -> table.md + loss.png there
+    python -m flllama.report outputs/fl-llama-table [MORE FOLDERS]   # -> table.md + loss.png there
 
 Every run under the folder (any depth) is one row: its method, sigma, mask compression, the
 server-side evaluation (target loss and topic accuracy on the test examples) after the last
 round, the ratio of that loss to the centralized run's with the same schedule (model, split,
 steps, batch, lr, seed), and the bytes per split step of round 1 (the same batches in every run
-of one schedule, so runs with fewer rounds compare on round 1).
+of one schedule, so runs with fewer rounds compare on round 1). Runs of further folders are
+added (e.g. other seeds' centralized and sigma-0 runs); a second table gives each setting's
+mean ± std over its seeds.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def rows(runs: list[dict]) -> list[dict]:
                 "bytes_per_step": first.get("bytes_per_step") if split else None,
                 "commit": r.get("git_commit", "")[:7],
                 "wall_s": r.get("wall_time_s"),
+                "seed": cfg.get("seed"),
             }
         )
     # centralized first, then the split runs with compression by sigma, then without
@@ -86,8 +89,34 @@ def rows(runs: list[dict]) -> list[dict]:
             is_split(r["method"]),
             r["mask-compression"] is False,
             r["sigma"] or 0,
+            r["seed"] or 0,
         ),
     )
+
+
+def seed_summary(table: list[dict]) -> str:
+    """Markdown: the rows of :func:`rows` grouped by method, sigma, mask compression and
+    rounds, over their seeds: final loss, ratio to centralized (same seed) and topic accuracy as
+    mean ± sample std (ddof 1; the value alone for one seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["method"], r["sigma"], r["mask-compression"], r["rounds"]), []).append(
+            r
+        )
+    lines = [
+        "| method | sigma | mask compression | rounds | seeds | eval loss | loss / centralized "
+        "| topic accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, sigma, compr, rounds), rs in groups.items():
+        ratios = [r["ratio"] for r in rs if r["ratio"] is not None]
+        lines.append(
+            f"| {method} | {_fmt(sigma, 'g')} | {_fmt(compr)} | {rounds} "
+            f"| {','.join(str(r['seed']) for r in rs)} | {_mean_std([r['loss'] for r in rs])} "
+            f"| {_mean_std(ratios) if len(ratios) == len(rs) else '-'} "
+            f"| {_mean_std([r['accuracy'] for r in rs])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 CONTROLS = ("sync-every", "client-lr-scale", "grad-dp-clip", "grad-dp-noise")
@@ -161,15 +190,15 @@ def markdown(table: list[dict]) -> str:
     """The rows as a Markdown table (loss ratio = split loss / centralized loss)."""
     head = (
         "| method | sigma | mask compression | rounds x steps | eval loss (start -> end) "
-        "| topic accuracy | loss / centralized | bytes per step (round 1) | wall s | commit |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| topic accuracy | loss / centralized | bytes per step (round 1) | wall s | seed | commit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['method']} | {_fmt(r['sigma'], 'g')} | {_fmt(r['mask-compression'])} "
         f"| {r['rounds']} x {r['steps'] // r['rounds']} "
         f"| {_fmt(r['loss_round0'])} -> {_fmt(r['loss'])} | {_fmt(r['accuracy'])} "
         f"| {_fmt(r['ratio'])} | {_fmt(r['bytes_per_step'], ',.0f')} | {_fmt(r['wall_s'], '.0f')} "
-        f"| {r['commit']} |"
+        f"| {r['seed']} | {r['commit']} |"
         for r in table
     ]
     return head + "\n".join(lines) + "\n"
@@ -185,7 +214,7 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
         cfg = r["config"]
-        label = cfg["method"]
+        label = f"{cfg['method']} s{cfg.get('seed')}"
         if is_split(cfg["method"]):
             label += f" sigma={cfg['sigma']:g}" + ("" if cfg["mask-compression"] else " no-compr.")
         xs = [x["round"] for x in r["rounds"] if "server_loss" in x]
@@ -203,7 +232,7 @@ def main(argv: list[str] | None = None) -> str:
     gap = "--gap" in args
     args = [a for a in args if a != "--gap"]
     folder = Path(args[0] if args else "outputs/fl-llama-table")
-    runs = [r for f in args[1:] if gap for r in load_runs(f)] + load_runs(folder)
+    runs = [r for f in args[1:] for r in load_runs(f)] + load_runs(folder)
     if not runs:
         raise SystemExit(f"no results.json under {folder}")
     if gap:  # python -m flllama.report --gap FOLDER [MORE FOLDERS]: table into FOLDER/gap.md
@@ -211,7 +240,8 @@ def main(argv: list[str] | None = None) -> str:
         (folder / "gap.md").write_text(text)
         print(text + f"-> {folder / 'gap.md'}")
         return text
-    text = markdown(rows(runs))
+    table = rows(runs)
+    text = markdown(table) + "\n" + seed_summary(table)
     (folder / "table.md").write_text(text)
     plot(runs, folder / "loss.png")
     print(text + f"-> {folder / 'table.md'}, {folder / 'loss.png'}")

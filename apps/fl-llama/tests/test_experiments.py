@@ -122,6 +122,24 @@ def test_report_ratio_and_bytes_by_hand():
     assert "| 1.0500 |" in text
 
 
+def test_report_seed_summary_by_hand():
+    """Each setting over its seeds, ratios to the centralized run of the same seed: split
+    2.2 / 2.0 and 1.3 / 1.0 -> 1.2000 ± 0.1414 (sample std); losses 1.75 ± 0.6364."""
+    runs = []
+    for seed, cen, split in ((1, 2.0, 2.2), (2, 1.0, 1.3)):
+        for method, loss in (("centralized", cen), ("split-sequential", split)):
+            runs.append(_run(method, 0.0, True, loss, 10))
+            runs[-1]["config"]["seed"] = seed
+    runs.append(_run("split-sequential", 0.1, True, 3.0, 10))  # seed 1 only, sigma 0.1
+    text = report.seed_summary(report.rows(runs))
+    assert "| centralized | - | - | 2 | 1,2 | 1.5000 ± 0.7071 | 1.0000 ± 0.0000 |" in text
+    assert (
+        "| split-sequential | 0 | on | 2 | 1,2 | 1.7500 ± 0.6364 | 1.2000 ± 0.1414 "
+        "| 0.5000 ± 0.0000 |"
+    ) in text
+    assert "| split-sequential | 0.1 | on | 2 | 1 | 3.0000 | 1.5000 | 0.5000 |" in text
+
+
 def test_gap_table_pairs_by_clients_and_seed_and_averages_ratios_by_hand():
     def run(method, loss, k, seed=1, **cfg):
         r = _run(method, 0.0, True, loss, 10)
