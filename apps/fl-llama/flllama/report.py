@@ -1,13 +1,15 @@
 """The FL-LLaMA results table: split training vs centralized LoRA, the sigma sweep and the bytes
 per step with and without mask compression, from the ``results.json`` files of the runs.
 
-    python -m flllama.report outputs/fl-llama-table          # -> table.md + loss.png there
+    python -m flllama.report outputs/fl-llama-table [MORE FOLDERS]   # -> table.md + loss.png there
 
 Every run under the folder (any depth) is one row: its method, sigma, mask compression, the
 server-side evaluation (target loss and topic accuracy on the test examples) after the last
 round, the ratio of that loss to the centralized run's with the same schedule (model, split,
 steps, batch, lr, seed), and the bytes per split step of round 1 (the same batches in every run
-of one schedule, so runs with fewer rounds compare on round 1).
+of one schedule, so runs with fewer rounds compare on round 1). Runs of further folders are
+added (e.g. other seeds' centralized and sigma-0 runs); a second table gives each setting's
+mean ± std over its seeds.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def rows(runs: list[dict]) -> list[dict]:
                 "bytes_per_step": first.get("bytes_per_step") if split else None,
                 "commit": r.get("git_commit", "")[:7],
                 "wall_s": r.get("wall_time_s"),
+                "seed": cfg.get("seed"),
             }
         )
     # centralized first, then the split runs with compression by sigma, then without
@@ -86,19 +89,52 @@ def rows(runs: list[dict]) -> list[dict]:
             is_split(r["method"]),
             r["mask-compression"] is False,
             r["sigma"] or 0,
+            r["seed"] or 0,
         ),
     )
+
+
+def seed_summary(table: list[dict]) -> str:
+    """Markdown: the rows of :func:`rows` grouped by method, sigma, mask compression and
+    rounds, over their seeds: final loss, ratio to centralized (same seed) and topic accuracy as
+    mean ± sample std (ddof 1; the value alone for one seed)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in table:
+        groups.setdefault((r["method"], r["sigma"], r["mask-compression"], r["rounds"]), []).append(
+            r
+        )
+    lines = [
+        "| method | sigma | mask compression | rounds | seeds | eval loss | loss / centralized "
+        "| topic accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (method, sigma, compr, rounds), rs in groups.items():
+        ratios = [r["ratio"] for r in rs if r["ratio"] is not None]
+        lines.append(
+            f"| {method} | {_fmt(sigma, 'g')} | {_fmt(compr)} | {rounds} "
+            f"| {','.join(str(r['seed']) for r in rs)} | {_mean_std([r['loss'] for r in rs])} "
+            f"| {_mean_std(ratios) if len(ratios) == len(rs) else '-'} "
+            f"| {_mean_std([r['accuracy'] for r in rs])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 CONTROLS = ("sync-every", "client-lr-scale", "grad-dp-clip", "grad-dp-noise")
 
 
+def _mean_std(v: list[float]) -> str:
+    """``mean ± std`` (sample std, ddof 1) over seeds; the mean alone for one value."""
+    if len(v) == 1:
+        return f"{v[0]:.4f}"
+    return f"{np.mean(v):.4f} ± {np.std(v, ddof=1):.4f}"
+
+
 def gap_table(runs: list[dict]) -> str:
     """The split/centralized controls: one row per split run without hidden-state noise that
-    has a centralized run of the
-    same schedule, seed and number of clients (final evaluation loss, ratio), then the mean,
-    min and max ratio over seeds of each control setting (clients, sync-every, client-lr-scale,
-    gradient DP)."""
+    has a centralized run of the same schedule, seed and number of clients (final evaluation
+    loss, ratio), then per control setting (clients, sync-every, client-lr-scale, gradient DP)
+    over its seeds: the ratio's mean ± sample standard deviation (ddof 1), min and max, and the
+    split and centralized losses and the split accuracy as mean ± std."""
     central = {
         (_key(r), r["config"]["num-server-rounds"]): r
         for r in runs
@@ -115,11 +151,12 @@ def gap_table(runs: list[dict]) -> str:
             *(cfg.get(k, d) for k, d in zip(CONTROLS, (0, 1.0, 0.0, 0.0), strict=True)),
         )
         loss, cen = r["rounds"][-1]["server_loss"], ref["rounds"][-1]["server_loss"]
-        groups.setdefault(ctl, []).append(loss / cen)
+        acc = r["rounds"][-1]["server_accuracy"]
+        groups.setdefault(ctl, []).append((loss / cen, loss, cen, acc))
         lines.append(
             f"| {ctl[0]} | {ctl[1]} | {ctl[2]:g} | {ctl[3]:g} / {ctl[4]:g} | {cfg['seed']} "
             f"| {loss:.4f} | {cen:.4f} | {loss / cen:.4f} "
-            f"| {r['rounds'][-1]['server_accuracy']:.4f} | {r.get('git_commit', '')[:7]} |"
+            f"| {acc:.4f} | {r.get('git_commit', '')[:7]} |"
         )
     head = (
         "| clients | sync-every | client-lr-scale | grad DP clip / noise | seed | split loss "
@@ -127,14 +164,18 @@ def gap_table(runs: list[dict]) -> str:
     )
     summ = (
         "\n| clients | sync-every | client-lr-scale | grad DP clip / noise | seeds "
-        "| ratio mean | min | max |\n|---|---|---|---|---|---|---|---|\n"
+        "| ratio mean ± std | min | max | split loss | centralized loss | split accuracy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
-    summ += "\n".join(
-        f"| {c[0]} | {c[1]} | {c[2]:g} | {c[3]:g} / {c[4]:g} | {len(v)} | {np.mean(v):.4f} "
-        f"| {min(v):.4f} | {max(v):.4f} |"
-        for c, v in sorted(groups.items(), key=lambda kv: tuple(map(float, kv[0])))
-    )
-    return head + "\n".join(lines) + "\n" + summ + "\n"
+    rows_ = []
+    for c, v in sorted(groups.items(), key=lambda kv: tuple(map(float, kv[0]))):
+        ratio, loss, cen, acc = (list(x) for x in zip(*v, strict=True))
+        rows_.append(
+            f"| {c[0]} | {c[1]} | {c[2]:g} | {c[3]:g} / {c[4]:g} | {len(v)} | {_mean_std(ratio)} "
+            f"| {min(ratio):.4f} | {max(ratio):.4f} | {_mean_std(loss)} | {_mean_std(cen)} "
+            f"| {_mean_std(acc)} |"
+        )
+    return head + "\n".join(lines) + "\n" + summ + "\n".join(rows_) + "\n"
 
 
 def _fmt(v, spec: str = ".4f") -> str:
@@ -149,15 +190,15 @@ def markdown(table: list[dict]) -> str:
     """The rows as a Markdown table (loss ratio = split loss / centralized loss)."""
     head = (
         "| method | sigma | mask compression | rounds x steps | eval loss (start -> end) "
-        "| topic accuracy | loss / centralized | bytes per step (round 1) | wall s | commit |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| topic accuracy | loss / centralized | bytes per step (round 1) | wall s | seed | commit |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {r['method']} | {_fmt(r['sigma'], 'g')} | {_fmt(r['mask-compression'])} "
         f"| {r['rounds']} x {r['steps'] // r['rounds']} "
         f"| {_fmt(r['loss_round0'])} -> {_fmt(r['loss'])} | {_fmt(r['accuracy'])} "
         f"| {_fmt(r['ratio'])} | {_fmt(r['bytes_per_step'], ',.0f')} | {_fmt(r['wall_s'], '.0f')} "
-        f"| {r['commit']} |"
+        f"| {r['seed']} | {r['commit']} |"
         for r in table
     ]
     return head + "\n".join(lines) + "\n"
@@ -173,7 +214,7 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in runs:
         cfg = r["config"]
-        label = cfg["method"]
+        label = f"{cfg['method']} s{cfg.get('seed')}"
         if is_split(cfg["method"]):
             label += f" sigma={cfg['sigma']:g}" + ("" if cfg["mask-compression"] else " no-compr.")
         xs = [x["round"] for x in r["rounds"] if "server_loss" in x]
@@ -191,7 +232,7 @@ def main(argv: list[str] | None = None) -> str:
     gap = "--gap" in args
     args = [a for a in args if a != "--gap"]
     folder = Path(args[0] if args else "outputs/fl-llama-table")
-    runs = [r for f in args[1:] if gap for r in load_runs(f)] + load_runs(folder)
+    runs = [r for f in args[1:] for r in load_runs(f)] + load_runs(folder)
     if not runs:
         raise SystemExit(f"no results.json under {folder}")
     if gap:  # python -m flllama.report --gap FOLDER [MORE FOLDERS]: table into FOLDER/gap.md
@@ -199,7 +240,8 @@ def main(argv: list[str] | None = None) -> str:
         (folder / "gap.md").write_text(text)
         print(text + f"-> {folder / 'gap.md'}")
         return text
-    text = markdown(rows(runs))
+    table = rows(runs)
+    text = markdown(table) + "\n" + seed_summary(table)
     (folder / "table.md").write_text(text)
     plot(runs, folder / "loss.png")
     print(text + f"-> {folder / 'table.md'}, {folder / 'loss.png'}")

@@ -2,6 +2,9 @@
 falls with sigma), the results table (ratio and bytes by hand) and the benchmark's arithmetic
 and output structure (never a timing)."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +13,7 @@ from flowerbed.common.testing import app_path
 APP = app_path("fl-llama")
 
 from flllama import attack as A  # noqa: E402
-from flllama import bench, report  # noqa: E402
+from flllama import bench, experiments, privacy, report  # noqa: E402
 from flllama import data as D  # noqa: E402
 from flllama.model import tiny_llama  # noqa: E402
 from flllama.split import SplitLlama, noise_std  # noqa: E402
@@ -119,6 +122,24 @@ def test_report_ratio_and_bytes_by_hand():
     assert "| 1.0500 |" in text
 
 
+def test_report_seed_summary_by_hand():
+    """Each setting over its seeds, ratios to the centralized run of the same seed: split
+    2.2 / 2.0 and 1.3 / 1.0 -> 1.2000 ± 0.1414 (sample std); losses 1.75 ± 0.6364."""
+    runs = []
+    for seed, cen, split in ((1, 2.0, 2.2), (2, 1.0, 1.3)):
+        for method, loss in (("centralized", cen), ("split-sequential", split)):
+            runs.append(_run(method, 0.0, True, loss, 10))
+            runs[-1]["config"]["seed"] = seed
+    runs.append(_run("split-sequential", 0.1, True, 3.0, 10))  # seed 1 only, sigma 0.1
+    text = report.seed_summary(report.rows(runs))
+    assert "| centralized | - | - | 2 | 1,2 | 1.5000 ± 0.7071 | 1.0000 ± 0.0000 |" in text
+    assert (
+        "| split-sequential | 0 | on | 2 | 1,2 | 1.7500 ± 0.6364 | 1.2000 ± 0.1414 "
+        "| 0.5000 ± 0.0000 |"
+    ) in text
+    assert "| split-sequential | 0.1 | on | 2 | 1 | 3.0000 | 1.5000 | 0.5000 |" in text
+
+
 def test_gap_table_pairs_by_clients_and_seed_and_averages_ratios_by_hand():
     def run(method, loss, k, seed=1, **cfg):
         r = _run(method, 0.0, True, loss, 10)
@@ -144,10 +165,94 @@ def test_gap_table_pairs_by_clients_and_seed_and_averages_ratios_by_hand():
     text = report.gap_table(runs)
     assert "| 1 | 0 | 1 | 0 / 0 | 1 | 4.0000 | 4.0000 | 1.0000 |" in text
     assert "| 2 | 0 | 1 | 0 / 0 | 2 | 1.3000 | 1.0000 | 1.3000 |" in text
-    # 2 clients, defaults: ratios 1.1 (seed 1) and 1.3 (seed 2): mean 1.2
-    assert "| 2 | 0 | 1 | 0 / 0 | 2 | 1.2000 | 1.1000 | 1.3000 |" in text
-    assert "| 2 | 0 | 2 | 0 / 0 | 1 | 1.0500 | 1.0500 | 1.0500 |" in text
+    # 2 clients, defaults: ratios 1.1 (seed 1) and 1.3 (seed 2): mean 1.2, sample std
+    # sqrt(((-0.1)^2 + 0.1^2) / (2 - 1)) = 0.1414 (ddof 0 would give 0.1000); split losses
+    # 2.2 and 1.3: 1.75 ± 0.6364; centralized 2.0 and 1.0: 1.5 ± 0.7071; accuracy 0.5 both
+    assert (
+        "| 2 | 0 | 1 | 0 / 0 | 2 | 1.2000 ± 0.1414 | 1.1000 | 1.3000 | 1.7500 ± 0.6364 "
+        "| 1.5000 ± 0.7071 | 0.5000 ± 0.0000 |"
+    ) in text
+    # one seed: the value alone
+    assert "| 2 | 0 | 2 | 0 / 0 | 1 | 1.0500 | 1.0500 | 1.0500 | 2.1000 | 2.0000 | 0.5000 |" in text
     assert "9.0000" not in text
+
+
+# ---------------------------------------------------------------------------- one command
+def test_experiments_plan_has_every_readme_sweep_and_keeps_finished_ones(tmp_path):
+    """The one command: the table's five sweeps (centralized, sigma 0 / 0.02,0.05 / 0.1, no
+    compression), the controls at seeds 43,44 and the gradient-DP noise sweep, each on the
+    README's schedule; a sweep whose folder already holds one results.json per job is kept."""
+    steps = experiments.plan(tmp_path)
+    cmds = [" ".join(c) for c, _ in steps]
+    assert len(steps) == len(experiments.SWEEPS) and not any(d for _, d in steps)
+    for c in cmds:
+        assert all(o in c for o in experiments.COMMON) and " -m " in c
+    table = [c for c in cmds if "fl-llama-table" in c]
+    assert len(table) == 7 and sum("method=centralized" in c for c in table) == 1
+    for seed in (43, 44):  # the sigma sweep again at the gap sweeps' seeds
+        assert any(f"sigma=0.02,0.05,0.1 seed={seed} " in c for c in table)
+    assert [c for c, _ in experiments.plan(tmp_path, match="sigma-s4")] == [
+        c for c in (c for c, _ in steps) if "sigma-s4" in " ".join(c)
+    ]
+    assert any("sigma=0.02,0.05" in c for c in table) and any("sigma=0.1 " in c for c in table)
+    assert any("mask-compression=false" in c for c in table)
+    assert sum("seed=43,44" in c for c in cmds) == 4  # centralized, split, sync-every 1, lr x2
+    assert any("grad-dp-noise=0.05,0.1,0.3" in c and "grad-dp-clip=0.04" in c for c in cmds)
+    gdp = [c for c, _ in experiments.plan(tmp_path, ("gdp",))]
+    assert gdp == [c for c, _ in steps if "grad-dp-clip=0.04" in " ".join(c)] and len(gdp) == 3
+
+    ov = ("seed=43,44", "++run_config.sigma=0.02,0.05,0.1", "app=fl-llama")
+    assert experiments.jobs(ov) == 6
+    folder = tmp_path / "fl-llama-gap" / "split-gdp2"
+    for i in range(2):
+        (folder / str(i)).mkdir(parents=True)
+        (folder / str(i) / "results.json").write_text("{}")
+    assert not experiments.plan(tmp_path, ("gdp",))[1][1]  # 2 of 3 runs: not done
+    (folder / "2").mkdir()
+    (folder / "2" / "results.json").write_text("{}")
+    assert experiments.plan(tmp_path, ("gdp",))[1][1]
+    with pytest.raises(SystemExit, match="unknown group 'x'"):
+        experiments.main(["--only", "x", "--out", str(tmp_path)])
+
+
+# ---------------------------------------------------------------------------- privacy
+def test_gradient_dp_rdp_uses_replace_one_sensitivity_by_hand():
+    """z = 1: std 1 x C, sensitivity 2 C -> multiplier 0.5 -> RDP alpha / (2 x 0.25) = 2 alpha
+    per release; 3 releases add up."""
+    np.testing.assert_allclose(privacy.releases_rdp(1.0, 1, orders=(2.0, 3.0)), [4.0, 6.0])
+    np.testing.assert_allclose(privacy.releases_rdp(1.0, 3, orders=(2.0, 3.0)), [12.0, 18.0])
+    np.testing.assert_allclose(privacy.releases_rdp(0.5, 1, orders=(2.0,)), [16.0])
+    with pytest.raises(ValueError, match="noise must be > 0"):
+        privacy.releases_rdp(0.0, 1)
+
+
+def test_gradient_dp_epsilon_by_hand():
+    """epsilon(alpha) = rdp - (ln delta + ln alpha) / (alpha - 1) + ln((alpha - 1) / alpha), at
+    z = 1, one release, delta 1e-5: alpha 2 -> 14.13, alpha 3 -> 6 + 10.4143 / 2 - 0.4055 =
+    10.8017, alpha 4 -> 11.09: the minimum over the grid is at alpha 3."""
+    eps, order = privacy.epsilon(1.0, 1, 1e-5)
+    assert order == 3.0
+    by_hand = 6 - (math.log(1e-5) + math.log(3)) / 2 + math.log(2 / 3)
+    assert eps == pytest.approx(by_hand, abs=1e-9) and by_hand == pytest.approx(10.8017, abs=1e-4)
+    assert privacy.epsilon(1.0, 0)[0] == 0.0
+    # more noise, fewer releases: smaller epsilon
+    assert privacy.epsilon(0.3, 1)[0] > eps > privacy.epsilon(3.0, 1)[0]
+    assert privacy.epsilon(1.0, 2)[0] > eps
+
+
+def test_max_releases_counts_the_runs_batches():
+    """One step: every example at most once (drawn without replacement); the count over a run
+    is the most frequent index of the seeded batches."""
+    assert privacy.max_releases(42, 2, 1, 1, 4) == 1
+    from flllama.task import client_pool
+
+    seen = {}
+    for pid in range(2):
+        for rnd in (1, 2):
+            for step in range(3):
+                for i in D.batch_indices(client_pool(pid, 2), 50, 7, pid, rnd, step).tolist():
+                    seen[i] = seen.get(i, 0) + 1
+    assert privacy.max_releases(7, 2, 2, 3, 50) == max(seen.values()) > 1
 
 
 # ---------------------------------------------------------------------------- benchmark
