@@ -23,6 +23,10 @@ run-config key ``partitioner`` takes any registered name. Built in:
 ``semantic-cnn``   the same with a small CNN embedder instead of the MLP
 ``semantic-pixels`` the same on PCA of the raw pixels (no embedding network)
 
+Apps whose clients generate or read their own data from (seed, partition id) (no array data set
+behind the partitions) register :func:`generated_partitioner` under their name: it carries only
+the number of partitions, and the app says what partition id ``k`` holds.
+
 A factory gets ``(num_partitions, seed, **options)`` (every option the caller passed: ``alpha``,
 ``classes_per_partition``, an app's own) and returns a partitioner; it ignores the options it
 does not use.
@@ -60,6 +64,23 @@ def register_partitioner(name: str, factory: PartitionerFactory | None = None):
         return f
 
     return add if factory is None else add(factory)
+
+
+class GeneratedPartitioner:
+    """The partitioner of an app whose clients make their own data from (seed, partition id).
+
+    No data set behind it and no randomness: it only carries ``num_partitions`` so that the
+    run config's ``partitioner`` key and the participation layer work as for the array apps;
+    the app maps a partition id to its share (e.g. domain ``k % 3``).
+    """
+
+    def __init__(self, num_partitions: int) -> None:
+        self.num_partitions = int(num_partitions)
+
+
+def generated_partitioner(num_partitions: int, seed: int, **_) -> GeneratedPartitioner:
+    """Factory of :class:`GeneratedPartitioner` (register it under the app's own name)."""
+    return GeneratedPartitioner(num_partitions)
 
 
 def partitioner_factory(name: str) -> PartitionerFactory:

@@ -150,3 +150,18 @@ def test_label_dirichlet_small_alpha_is_skewed_and_does_not_stop():
 def test_label_dirichlet_rejects_gapped_labels():
     with pytest.raises(DataError, match="labels must be 0..K-1"):
         partition_indices(np.repeat([0, 2], 50), 2, "label-dirichlet", seed=0, alpha=1.0)
+
+
+def test_generated_partitioner_carries_only_the_count_and_serves_several_names():
+    from flowerbed.common.partition import (
+        GeneratedPartitioner,
+        generated_partitioner,
+        partitioner_factory,
+        register_partitioner,
+    )
+
+    p = generated_partitioner(7, seed=3, alpha=0.5)  # options it does not use are ignored
+    assert isinstance(p, GeneratedPartitioner) and p.num_partitions == 7
+    register_partitioner("test-generated-a", generated_partitioner)
+    register_partitioner("test-generated-b", generated_partitioner)  # same factory, two names
+    assert partitioner_factory("test-generated-b") is generated_partitioner

@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord
 from fedgrpo import domains as D
 from flowerbed.common import config as C
 from flowerbed.common import llm
-from flowerbed.common.partition import register_partitioner
+from flowerbed.common.partition import generated_partitioner, register_partitioner
 from flowerbed.common.seeding import derive_seed
 from flowerbed.common.train import get_device
 from flowerbed.strategies.fedgrpo import AuxSet, grpo_loss
@@ -78,17 +78,9 @@ DEMOS = (
 ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ <>/?+-:.\n"
 
 
-class DomainPartitioner:
-    """Client ``k`` of ``K`` is an expert of domain ``k % 3`` (no data set behind it: every client
-    generates its own domain's examples from its seed)."""
-
-    def __init__(self, num_partitions: int) -> None:
-        self.num_partitions = int(num_partitions)
-
-
-@register_partitioner("domain")
-def _domain(num_partitions: int, seed: int, **_):
-    return DomainPartitioner(num_partitions)
+# Client ``k`` of ``K`` is an expert of domain ``k % 3`` (:func:`own_domain`; no data set behind
+# it: every client generates its own domain's examples from its seed).
+register_partitioner("domain", generated_partitioner)
 
 
 def parse_config(run_config) -> C.RunConfig:

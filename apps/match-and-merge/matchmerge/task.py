@@ -15,7 +15,7 @@ from flwr.app import MetricRecord, RecordDict
 
 from flowerbed.common import config as C
 from flowerbed.common.client import partition_of
-from flowerbed.common.partition import register_partitioner
+from flowerbed.common.partition import generated_partitioner, register_partitioner
 from flowerbed.common.seeding import derive_seed
 from flowerbed.common.train import get_device
 from flowerbed.strategies.match_merge import LM_KEY, META_KEY
@@ -82,17 +82,9 @@ SCHEMA: dict[str, C.Option] = C.compose(
 )
 
 
-class TopicPartitioner:
-    """Client ``k`` of ``K`` holds the text of domain ``k % num-domains`` (read by the client
-    itself from the summaries package; no array data set behind it)."""
-
-    def __init__(self, num_partitions: int) -> None:
-        self.num_partitions = int(num_partitions)
-
-
-@register_partitioner("text-domain")
-def _topic(num_partitions: int, seed: int, **_):
-    return TopicPartitioner(num_partitions)
+# Client ``k`` of ``K`` holds the text of domain ``k % num-domains`` (read by the client itself
+# from the summaries package; no array data set behind it).
+register_partitioner("text-domain", generated_partitioner)
 
 
 def parse_config(run_config) -> C.RunConfig:
