@@ -13,11 +13,13 @@ most 0.5 s) backoff to its ``pull_objects``, the same as the ServerApp side does
 (:func:`flowerbed.common.protocol._short_http_backoff`). Nothing else of the SuperNode changes.
 
 Measured (README, benchmark at ``c19da9b``): with 0.2 s the message reached the ClientApp
-1.4 s sooner, but the deployed round was not faster (the ClientApp then waited for the arrays,
-and local SGD ran slower beside the busier SuperNodes), so the deployment does not use it by
-default. A SuperNode that polls every 0.2 s sends ~15x more requests to the SuperLink while idle than
-Flower's: fine on loopback and for a few nodes, not what a large deployment should do
-(``--poll 3`` gives Flower's behaviour).
+1.4 s sooner, but the round was not faster then (the ClientApp waited longer for the arrays;
+the SuperLink kept its state in SQLite then, which costs it twice the CPU per round). Since
+``5d74286`` the deployment keeps the SuperLink's state in memory (Flower's default) and uses
+0.2 s by default; the README's benchmark section has the measured effect. A SuperNode that
+polls every 0.2 s sends ~15x more requests to the SuperLink while idle than Flower's: fine on
+loopback and for a few nodes, not what a large deployment should do (``--poll 3`` gives
+Flower's behaviour).
 """
 
 from __future__ import annotations
