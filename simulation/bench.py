@@ -21,7 +21,9 @@ threads and the difference is framework cost, not parallelism.
 
 Deployment group (``--deploy-modes``; ``--deploy-clients`` clients, all sampled every round):
 ``deploy`` (SuperLink + one SuperNode per client on loopback, TLS and SuperNode authentication,
-:class:`flowerbed.simulation.deploy.Deployment`, ClientApps forked from a warm process),
+:class:`flowerbed.simulation.deploy.Deployment`, ClientApps forked from a warm process, the
+SuperNodes' waits capped at ``--supernode-poll`` 0.2 s, the SuperLink's state in memory unless
+``--superlink-db``),
 ``deploy-spawn`` (the same with a fresh interpreter per ClientApp call, as Flower starts them),
 ``deploy-flower`` (Flower's own ``--isolation subprocess``), against ``inprocess`` and ``plain``
 on the same clients. Each SuperNode gets cores // clients torch threads and the simulation's
