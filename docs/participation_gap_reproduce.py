@@ -20,7 +20,8 @@ writes the table (``docs/participation-gap-scale.md``) and the plot
 Per run, the numbers come from the per-client rows of the last gap round (``analyse`` of
 ``participation_gap_clients.py``: gap, label-mix part, residual at equal label mix, permutation
 spread over which clients are held out; the permutation draws are seeded per run, so a run's
-row does not depend on which other runs exist). Per partition: mean ± sample std over seeds,
+row does not depend on which other runs exist). Per partition: mean ± sample std over seeds (part-val accuracy and the out-of-sample gap,
+train − validation on participating clients: means),
 Student's t 95 % interval of the mean, and how many seeds gave a gap > 0.
 """
 
@@ -88,6 +89,9 @@ PLAN: tuple[tuple[str, float | None, int, int, tuple[int, ...]], ...] = (
     ("semantic-cnn", None, 20, 15, _seeds(0, 2)),
     ("semantic-cnn", None, 100, 15, _seeds(0, 5)),
     ("semantic-cnn", None, 300, 15, _seeds(0, 2)),
+    # longer training (3x the rounds): does a model that fits its clients more show a gap?
+    ("semantic-cnn", None, 100, 45, _seeds(0, 2)),
+    ("label-dirichlet", 100.0, 100, 45, _seeds(0, 1)),
     ("semantic-pixels", None, 20, 15, _seeds(0, 2)),
     ("semantic-pixels", None, 100, 15, _seeds(0, 2)),
 )
@@ -144,6 +148,9 @@ def sweep_command(name: str, alpha: float | None, clients: int, rounds: int, see
 def per_run(path: Path, draws: int) -> dict:
     res = json.loads(path.read_text())
     row = analyse(last_clients(res["rounds"]), draws, np.random.default_rng(res["config"]["seed"]))
+    last = [r for r in res["rounds"] if r.get("gap_clients")][-1]
+    row["oos"] = float(last["client_out_of_sample_gap_accuracy"])
+    row["part-val"] = float(last["client_part_val_accuracy_mean"])
     row["commit"] = res.get("git_commit", "?")[:7]
     return row
 
@@ -183,10 +190,11 @@ def mean_ci(values: np.ndarray) -> tuple[float, float, float, float]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| partition | clients | rounds | seeds | gap (mean ± sd) | gap 95% CI | seeds > 0 "
+        "| partition | clients | rounds | seeds | part-val acc | out-of-sample gap "
+        "| participation gap (mean ± sd) | gap 95% CI | seeds > 0 "
         "| label-mix part | gap at equal label mix | perm sd | commits |"
     )
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         gap = np.array([x["gap"] for x in r["runs"]])
         m, sd, lo, hi = mean_ci(gap)
@@ -198,6 +206,8 @@ def table(rows: list[dict]) -> str:
         commits = ",".join(sorted({x["commit"] for x in r["runs"]}))
         lines.append(
             f"| {r['partition']} | {r['clients']} | {r['rounds']} | {len(gap)} "
+            f"| {np.mean([x['part-val'] for x in r['runs']]):.3f} "
+            f"| {np.mean([x['oos'] for x in r['runs']]):+.3f} "
             f"| {m:+.3f} ± {sd_txt} | {ci} | {int((gap > 0).sum())}/{len(gap)} "
             f"| {mix.mean():+.3f} | {res.mean():+.3f} | {perm:.3f} | {commits} |"
         )
