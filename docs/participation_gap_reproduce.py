@@ -22,7 +22,8 @@ Per run, the numbers come from the per-client rows of the last gap round (``anal
 spread over which clients are held out; the permutation draws are seeded per run, so a run's
 row does not depend on which other runs exist). Per partition: mean ± sample std over seeds (part-val accuracy and the out-of-sample gap,
 train − validation on participating clients: means),
-Student's t 95 % interval of the mean, and how many seeds gave a gap > 0.
+Student's t 95 % interval of the mean, how many seeds gave a gap > 0, and ``perm z``: the
+summed gap over its spread when held-out clients are a random draw (see :func:`perm_z`).
 """
 
 from __future__ import annotations
@@ -188,19 +189,27 @@ def mean_ci(values: np.ndarray) -> tuple[float, float, float, float]:
     return m, sd, m - half, m + half
 
 
+def perm_z(runs: list[dict]) -> float:
+    """The seeds' summed gap over its spread under "no participation gap": in every run the
+    held-out clients are a random draw, so without a gap each run's gap follows its permutation
+    distribution (sd ``perm sd``), independently across seeds; ``|z| > 1.96`` ~ p < 0.05."""
+    return float(sum(r["gap"] for r in runs) / np.sqrt(sum(r["perm sd"] ** 2 for r in runs)))
+
+
 def table(rows: list[dict]) -> str:
     head = (
         "| partition | clients | rounds | seeds | part-val acc | out-of-sample gap "
         "| participation gap (mean ± sd) | gap 95% CI | seeds > 0 "
-        "| label-mix part | gap at equal label mix | perm sd | commits |"
+        "| label-mix part | gap at equal label mix | perm sd | perm z | commits |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         gap = np.array([x["gap"] for x in r["runs"]])
         m, sd, lo, hi = mean_ci(gap)
         mix = np.array([x["label-mix"] for x in r["runs"]])
         res = np.array([x["residual"] for x in r["runs"]])
         perm = np.sqrt(np.mean([x["perm sd"] ** 2 for x in r["runs"]]))
+        z = perm_z(r["runs"])
         ci = "-" if np.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
         sd_txt = "-" if np.isnan(sd) else f"{sd:.3f}"
         commits = ",".join(sorted({x["commit"] for x in r["runs"]}))
@@ -209,7 +218,7 @@ def table(rows: list[dict]) -> str:
             f"| {np.mean([x['part-val'] for x in r['runs']]):.3f} "
             f"| {np.mean([x['oos'] for x in r['runs']]):+.3f} "
             f"| {m:+.3f} ± {sd_txt} | {ci} | {int((gap > 0).sum())}/{len(gap)} "
-            f"| {mix.mean():+.3f} | {res.mean():+.3f} | {perm:.3f} | {commits} |"
+            f"| {mix.mean():+.3f} | {res.mean():+.3f} | {perm:.3f} | {z:+.2f} | {commits} |"
         )
     return "\n".join(lines)
 

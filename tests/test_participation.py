@@ -431,3 +431,7 @@ def test_gap_reproduce_script_finds_runs_and_plans_the_missing(tmp_path):
     half = 12.7062047 * np.sqrt(0.02) / np.sqrt(2)  # t(0.975, 1 dof) x sd / sqrt(n)
     assert (m, sd) == pytest.approx((0.2, np.sqrt(0.02)))
     assert (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
+    # two seeds, gaps 0.03 and 0.01 with permutation sds 0.03 and 0.04: z = 0.04 / 0.05
+    assert mod.perm_z([{"gap": 0.03, "perm sd": 0.03}, {"gap": 0.01, "perm sd": 0.04}]) == (
+        pytest.approx(0.8)
+    )
