@@ -232,8 +232,9 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     by_part: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_part[r["partition"]].append(r)
+    for r in rows:  # one series per partition and number of rounds
+        extra = f", {r['rounds']} rounds" if r["rounds"] != 15 else ""
+        by_part[r["partition"] + extra].append(r)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     names = list(by_part)
     for ax, key, title in (
@@ -250,12 +251,27 @@ def plot(rows: list[dict], out: Path) -> None:
                 xs.append(x)
                 ms.append(m)
                 errs.append(0.0 if np.isnan(lo) else m - lo)
-                ax.plot([x] * len(v), v, ".", color=f"C{j}", ms=3, alpha=0.5)
+                ax.plot(
+                    [x] * len(v),
+                    v,
+                    ".",
+                    color=plt.cm.tab20((2 * j) % 20 + (j // 10) % 2),
+                    ms=3,
+                    alpha=0.5,
+                )
             style = (
                 "-" if name.startswith("semantic") else "--"
             )  # semantic solid, label-based dashed
             ax.errorbar(
-                xs, ms, yerr=errs, marker="o", ms=5, capsize=3, color=f"C{j}", ls=style, label=name
+                xs,
+                ms,
+                yerr=errs,
+                marker="o",
+                ms=5,
+                capsize=3,
+                color=plt.cm.tab20((2 * j) % 20 + (j // 10) % 2),
+                ls=style,
+                label=name,
             )
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
