@@ -22,8 +22,9 @@ Per run, the numbers come from the per-client rows of the last gap round (``anal
 spread over which clients are held out; the permutation draws are seeded per run, so a run's
 row does not depend on which other runs exist). Per partition: mean ± sample std over seeds (part-val accuracy and the out-of-sample gap,
 train − validation on participating clients: means),
-Student's t 95 % interval of the mean, how many seeds gave a gap > 0, and ``perm z``: the
-summed gap over its spread when held-out clients are a random draw (see :func:`perm_z`).
+Student's t 95 % interval of the mean, how many seeds gave a gap > 0, and two tests of "no participation gap"
+pooled over seeds (:func:`pooled_z`): ``perm z`` against the permutation spread, ``z``
+against the standard error of each run's gap (:func:`welch_se`).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def per_run(path: Path, draws: int) -> dict:
     res = json.loads(path.read_text())
     row = analyse(last_clients(res["rounds"]), draws, np.random.default_rng(res["config"]["seed"]))
     last = [r for r in res["rounds"] if r.get("gap_clients")][-1]
+    row["se"] = welch_se(last["gap_clients"])
     row["oos"] = float(last["client_out_of_sample_gap_accuracy"])
     row["part-val"] = float(last["client_part_val_accuracy_mean"])
     row["commit"] = res.get("git_commit", "?")[:7]
@@ -189,27 +191,38 @@ def mean_ci(values: np.ndarray) -> tuple[float, float, float, float]:
     return m, sd, m - half, m + half
 
 
-def perm_z(runs: list[dict]) -> float:
-    """The seeds' summed gap over its spread under "no participation gap": in every run the
-    held-out clients are a random draw, so without a gap each run's gap follows its permutation
-    distribution (sd ``perm sd``), independently across seeds; ``|z| > 1.96`` ~ p < 0.05."""
-    return float(sum(r["gap"] for r in runs) / np.sqrt(sum(r["perm sd"] ** 2 for r in runs)))
+def welch_se(clients: list[dict]) -> float:
+    """Standard error of one run's gap from the spread of the clients' accuracies in each group,
+    ``sqrt(var(part-val) / N_part + var(unpart) / N_unpart)``. Unlike the permutation spread it
+    keeps each group's own evaluation noise: with 300 clients a part-val slice has ~40
+    examples and an unparticipating client ~200, so drawing "held-out" clients among part-val
+    accuracies (the permutation) overstates the spread of the real gap."""
+    pv = np.array([c["part_val_accuracy"] for c in clients if c["participating"]])
+    un = np.array([c["unpart_accuracy"] for c in clients if not c["participating"]])
+    return float(np.sqrt(pv.var(ddof=1) / len(pv) + un.var(ddof=1) / len(un)))
+
+
+def pooled_z(runs: list[dict], sd: str) -> float:
+    """The seeds' summed gap over its spread without a participation gap (each run's gap with
+    sd ``run[sd]``, independent across seeds); ``|z| > 1.96`` ~ p < 0.05."""
+    return float(sum(r["gap"] for r in runs) / np.sqrt(sum(r[sd] ** 2 for r in runs)))
 
 
 def table(rows: list[dict]) -> str:
     head = (
         "| partition | clients | rounds | seeds | part-val acc | out-of-sample gap "
         "| participation gap (mean ± sd) | gap 95% CI | seeds > 0 "
-        "| label-mix part | gap at equal label mix | perm sd | perm z | commits |"
+        "| label-mix part | gap at equal label mix | perm sd | perm z | se | z | commits |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
         gap = np.array([x["gap"] for x in r["runs"]])
         m, sd, lo, hi = mean_ci(gap)
         mix = np.array([x["label-mix"] for x in r["runs"]])
         res = np.array([x["residual"] for x in r["runs"]])
         perm = np.sqrt(np.mean([x["perm sd"] ** 2 for x in r["runs"]]))
-        z = perm_z(r["runs"])
+        pz, z = pooled_z(r["runs"], "perm sd"), pooled_z(r["runs"], "se")
+        se = np.sqrt(np.mean([x["se"] ** 2 for x in r["runs"]]))
         ci = "-" if np.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
         sd_txt = "-" if np.isnan(sd) else f"{sd:.3f}"
         commits = ",".join(sorted({x["commit"] for x in r["runs"]}))
@@ -218,7 +231,8 @@ def table(rows: list[dict]) -> str:
             f"| {np.mean([x['part-val'] for x in r['runs']]):.3f} "
             f"| {np.mean([x['oos'] for x in r['runs']]):+.3f} "
             f"| {m:+.3f} ± {sd_txt} | {ci} | {int((gap > 0).sum())}/{len(gap)} "
-            f"| {mix.mean():+.3f} | {res.mean():+.3f} | {perm:.3f} | {z:+.2f} | {commits} |"
+            f"| {mix.mean():+.3f} | {res.mean():+.3f} | {perm:.3f} | {pz:+.2f} "
+            f"| {se:.3f} | {z:+.2f} | {commits} |"
         )
     return "\n".join(lines)
 

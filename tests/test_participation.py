@@ -432,6 +432,10 @@ def test_gap_reproduce_script_finds_runs_and_plans_the_missing(tmp_path):
     assert (m, sd) == pytest.approx((0.2, np.sqrt(0.02)))
     assert (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
     # two seeds, gaps 0.03 and 0.01 with permutation sds 0.03 and 0.04: z = 0.04 / 0.05
-    assert mod.perm_z([{"gap": 0.03, "perm sd": 0.03}, {"gap": 0.01, "perm sd": 0.04}]) == (
+    assert mod.pooled_z([{"gap": 0.03, "se": 0.03}, {"gap": 0.01, "se": 0.04}], "se") == (
         pytest.approx(0.8)
     )
+    # part-val 0.6, 0.8, 1.0 (var 0.04 / 3), unpart 0.5, 0.7 (var 0.02 / 2)
+    rows = [{"participating": 1, "part_val_accuracy": a} for a in (0.6, 0.8, 1.0)]
+    rows += [{"participating": 0, "unpart_accuracy": a} for a in (0.5, 0.7)]
+    assert mod.welch_se(rows) == pytest.approx(np.sqrt(0.04 / 3 + 0.02 / 2))
