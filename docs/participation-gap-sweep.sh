@@ -8,6 +8,8 @@
 #   bash docs/participation-gap-sweep.sh                 # every group, seeds 0,1,2 (~15 min)
 #   SEEDS=3,4 bash docs/participation-gap-sweep.sh dir-low   # one group, other seeds
 #   CLIENTS=100 ALPHAS=0.5 bash docs/participation-gap-sweep.sh dir-low   # 100 clients, one alpha
+#   CLIENTS=300 ROUNDS=45 SEEDS=0 bash docs/participation-gap-sweep.sh sem-cnn   # 300 clients, 45 rounds
+#   (docs/participation_gap_reproduce.py calls this script for every run its plan misses)
 #
 # Groups: dir-low (Dirichlet alpha 0.1 and 0.5, or ALPHAS), dir-100 (alpha 100), iid-sem (IID,
 # semantic), sem, sem-cnn / sem-pix (semantic

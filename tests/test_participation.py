@@ -388,3 +388,54 @@ def test_gap_analysis_script_splits_label_mix_from_residual():
     rows[2]["unpart_accuracy"] = 0.0
     r = mod.analyse(rows, draws=10, rng=np.random.default_rng(0))
     assert r["label-mix"] == pytest.approx(0.25) and r["residual"] == pytest.approx(0.25)
+
+
+def test_gap_reproduce_script_finds_runs_and_plans_the_missing(tmp_path):
+    """docs/participation_gap_reproduce.py: a run counts when its fixed settings match (the
+    newest sweep folder wins), the rest of the plan is listed as sweep commands, and the
+    interval is Student's t by hand."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "participation_gap_reproduce.py"
+    spec = importlib.util.spec_from_file_location("gap_reproduce", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def write(folder, seed, gap, **over):
+        cfg = {**mod.FIXED, "partitioner": "label-dirichlet", "alpha": 0.1, "seed": seed}
+        cfg.update({"num-server-rounds": 15, **over})
+        final = {"num_part_clients": 80, "num_unpart_clients": 20, "gap": gap}
+        out = tmp_path / folder / str(seed) / "results.json"
+        out.parent.mkdir(parents=True)
+        out.write_text(json.dumps({"config": cfg, "extra": {"final": final}}))
+        return out
+
+    write("20260101-000000", 0, 0.1)
+    newest = write("20260102-000000", 0, 0.2)
+    write("20260102-000000", 1, 0.3, lr=0.05)  # other settings: not a run of the plan
+    five = write("20260102-000000", 2, 0.3, **{"num-server-rounds": 5})  # its own key
+    found = mod.existing(tmp_path)
+    assert found == {
+        ("label-dirichlet", 0.1, 100, 15, 0): newest,
+        ("label-dirichlet", 0.1, 100, 5, 2): five,
+    }
+    todo = {(n, a, c): s for n, a, c, _, s in mod.missing(found)}
+    assert todo[("label-dirichlet", 0.1, 100)] == [1, 2]
+    assert todo[("iid", None, 20)] == list(range(8))
+    env, argv = mod.sweep_command("label-dirichlet", 0.1, 100, 15, [1, 2])
+    assert env == {"CLIENTS": "100", "ROUNDS": "15", "SEEDS": "1,2", "ALPHAS": "0.1"}
+    assert argv[-1] == "label-dir"
+    m, sd, lo, hi = mod.mean_ci(np.array([0.1, 0.3]))
+    half = 12.7062047 * np.sqrt(0.02) / np.sqrt(2)  # t(0.975, 1 dof) x sd / sqrt(n)
+    assert (m, sd) == pytest.approx((0.2, np.sqrt(0.02)))
+    assert (lo, hi) == pytest.approx((0.2 - half, 0.2 + half))
+    # two seeds, gaps 0.03 and 0.01 with permutation sds 0.03 and 0.04: z = 0.04 / 0.05
+    assert mod.pooled_z([{"gap": 0.03, "se": 0.03}, {"gap": 0.01, "se": 0.04}], "se") == (
+        pytest.approx(0.8)
+    )
+    # part-val 0.6, 0.8, 1.0 (var 0.04 / 3), unpart 0.5, 0.7 (var 0.02 / 2)
+    rows = [{"participating": 1, "part_val_accuracy": a} for a in (0.6, 0.8, 1.0)]
+    rows += [{"participating": 0, "unpart_accuracy": a} for a in (0.5, 0.7)]
+    assert mod.welch_se(rows) == pytest.approx(np.sqrt(0.04 / 3 + 0.02 / 2))
