@@ -5,7 +5,10 @@ given folders (the no-attack runs may sit in another folder: the attack fraction
 change a run without attack: Krum, MultiKrum and Bulyan get f = 0 when ``attack=none``). METHOD may be a comma-separated list
 (one block of rows per method); only the seeds with an attacked run get a column.
 
-    .venv/bin/python apps/fedidm/docs/target_table.py METHOD[,METHOD...] FRACTION FOLDER [FOLDER ...]
+    .venv/bin/python apps/fedidm/docs/target_table.py [--last K] METHOD[,METHOD...] FRACTION FOLDER ...
+
+``--last K``: each run's number is the mean server accuracy of its last K rounds instead of the
+final accuracy (the final round alone moves by 2-4 points between consecutive rounds).
 
 Reads only; runs nothing.
 """
@@ -22,7 +25,15 @@ from flowerbed.simulation.table import collect
 ATTACKS = ("sign-flip", "gaussian", "label-flip", "lie", "min-max", "min-sum", "ipm")
 
 
-def cells(method: str, fraction: float, folders: list[str]):
+def accuracy(run: dict, last: int = 0) -> float:
+    """Final accuracy, or the mean server accuracy of the last ``last`` rounds."""
+    if not last:
+        return run["extra"]["final"]["accuracy"]
+    acc = [r["server_accuracy"] for r in run["rounds"] if r["round"] > 0]
+    return float(np.mean(acc[-last:]))
+
+
+def cells(method: str, fraction: float, folders: list[str], last: int = 0):
     """(attack -> seed -> accuracy, seed -> no-attack accuracy, commits) of ``method``."""
     acc: dict[str, dict[int, float]] = defaultdict(dict)
     clean: dict[int, float] = {}
@@ -33,21 +44,23 @@ def cells(method: str, fraction: float, folders: list[str]):
             if c.get("method") != method or "accuracy" not in final:
                 continue
             if c["attack"] == "none":
-                clean[c["seed"]] = final["accuracy"]
+                clean[c["seed"]] = accuracy(r, last)
             elif abs(c["attack-fraction"] - fraction) < 1e-9:
-                acc[c["attack"]][c["seed"]] = final["accuracy"]
+                acc[c["attack"]][c["seed"]] = accuracy(r, last)
             else:
                 continue
             commits.add(r["git_commit"][:7])
     return acc, clean, commits
 
 
-def table(methods: str, fraction: float, folders: list[str]) -> list[str]:
-    blocks = {m: cells(m, fraction, folders) for m in methods.split(",")}
+def table(methods: str, fraction: float, folders: list[str], last: int = 0) -> list[str]:
+    blocks = {m: cells(m, fraction, folders, last) for m in methods.split(",")}
     seeds = sorted({s for acc, _, _ in blocks.values() for per in acc.values() for s in per})
     head = " | ".join(f"seed {s}" for s in seeds)
     out = [
-        f"{fraction:.0%} malicious; runs' commits "
+        f"{fraction:.0%} malicious; "
+        + (f"mean accuracy of the last {last} rounds; " if last else "final accuracy; ")
+        + "runs' commits "
         + ", ".join(sorted(set().union(*(c for _, _, c in blocks.values())))),
         f"| method | attack | {head} | mean ± std | gap to no attack per seed (points) | mean gap |",
         "|---|---|" + "---|" * len(seeds) + "---|---|---|",
@@ -82,4 +95,9 @@ def _rows(method, acc, clean, seeds) -> list[str]:
 
 
 if __name__ == "__main__":
-    print("\n".join(table(sys.argv[1], float(sys.argv[2]), sys.argv[3:])))
+    args = sys.argv[1:]
+    k = 0
+    if args[0] == "--last":
+        k = int(args[1])
+        args = args[2:]
+    print("\n".join(table(args[0], float(args[1]), args[2:], k)))

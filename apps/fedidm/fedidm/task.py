@@ -245,3 +245,24 @@ def run_summary(accuracies: list[float], history: dict[int, dict], last: int = 1
         if vals:
             out[key] = float(np.mean(vals))
     return out
+
+
+def detection_counts(rounds: list[dict]) -> dict[str, int]:
+    """Detection counts pooled over the rounds of one run (rows of ``results.json`` that carry
+    ``rejected_nodes`` and ``malicious_nodes``): true positives (attackers rejected), false
+    positives (benign clients rejected), false negatives (attackers accepted), and the number of
+    attacker / benign updates seen. Unlike the per-round mean in ``final`` (a round that rejects
+    no one has precision 1.0), these give precision = tp / (tp + fp) over all rejections."""
+    out = dict.fromkeys(("tp", "fp", "fn", "attacker_updates", "benign_updates", "rounds"), 0)
+    for r in rounds:
+        if "rejected_nodes" not in r or "malicious_nodes" not in r:
+            continue
+        rejected, bad = set(r["rejected_nodes"]), set(r["malicious_nodes"])
+        seen = r.get("num_train_replies", len(bad))
+        out["tp"] += len(rejected & bad)
+        out["fp"] += len(rejected - bad)
+        out["fn"] += len(bad - rejected)
+        out["attacker_updates"] += len(bad)
+        out["benign_updates"] += seen - len(bad)
+        out["rounds"] += 1
+    return out

@@ -1,6 +1,7 @@
 """FedIDM app: config, the client steps called directly (label flipping, the condensed set), a
 tiny run on sklearn digits (no Ray) asserting on results.json, and one `flwr run` end to end."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -58,6 +59,34 @@ def _call(pid, cfg_over, rnd=1):
         {"arrays": task.initial_arrays(cfg), "config": ConfigRecord({"server-round": rnd})}
     )
     return client_app.train(mock_reply(content), node_context(pid, 5, run_config=cfg)).content
+
+
+def test_detection_counts_by_hand():
+    """Two rounds counted by hand: round 1 rejects attackers 1, 2 and benign 7 of attackers
+    {1, 2, 3}; round 2 rejects no one; round 0 (no attack columns) is skipped."""
+    rounds = [
+        {"round": 0, "server_accuracy": 0.1},
+        {"round": 1, "rejected_nodes": [1, 2, 7], "malicious_nodes": [1, 2, 3]},
+        {"round": 2, "rejected_nodes": [], "malicious_nodes": [1, 2, 3]},
+    ]
+    for r in rounds[1:]:
+        r["num_train_replies"] = 10
+    got = task.detection_counts(rounds)
+    want = {"tp": 2, "fp": 1, "fn": 4, "rounds": 2}
+    assert got == {**want, "attacker_updates": 6, "benign_updates": 14}
+    # the README's detection table pools two such runs (two seeds): precision 4 / 6, recall
+    # 4 / 12; the mean of the rounds' precision (2/3 and 1.0 for the empty round) is 5/6
+    spec = importlib.util.spec_from_file_location("dt", APP / "docs" / "detection_table.py")
+    dt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dt)
+    final = {"detect_precision": 5 / 6, "detect_recall": 1 / 3}
+    run = {"rounds": rounds, "extra": {"final": final}}
+    row = dt.row({0: run, 1: run})
+    assert row["pooled_precision"] == pytest.approx(2 / 3)
+    assert row["pooled_recall"] == pytest.approx(1 / 3)
+    assert row["benign_rejected"] == pytest.approx(2 / 28)
+    assert row["precision"] == pytest.approx((5 / 6, 0.0))
+    assert (row["tp"], row["fp"], row["fn"], row["seeds"]) == (4, 2, 8, [0, 1])
 
 
 def test_label_flip_attacker_trains_on_flipped_labels():
