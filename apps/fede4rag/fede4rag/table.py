@@ -122,8 +122,9 @@ def summarize(records: list[dict], plain: list[dict] | None = None) -> dict[str,
     }
     row["seeds"] = [int(rec["config"]["seed"]) for rec in records]
     row["mrr-per-seed"] = [float(rec["extra"]["final"]["mrr"]) for rec in records]
-    row["sent"] = float(np.mean([r.get("bytes_sent", 0) for r in rounds]))
-    row["received"] = float(np.mean([r.get("bytes_received", 0) for r in rounds]))
+    for key, name in (("sent", "bytes_sent"), ("received", "bytes_received")):
+        v = [r.get(name, 0) for r in rounds]
+        row[key] = (float(np.mean(v)), float(min(v)), float(max(v)))
     times = [r["round_time_s"] for r in rounds]
     row["time"] = (float(np.mean(times)), float(min(times)), float(max(times)))
     row["commits"] = sorted({rec.get("git_commit", "?")[:7] for rec in records})
@@ -144,14 +145,18 @@ def summarize(records: list[dict], plain: list[dict] | None = None) -> dict[str,
     return row
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
+def _mb(v: tuple[float, float, float]) -> str:
+    """``mean (min-max)`` in MB, or one number when every round sent the same."""
+    mean, lo, hi = (x / 1e6 for x in v)
+    return f"{mean:.1f}" if hi - lo < 0.05 else f"{mean:.1f} ({lo:.1f}-{hi:.1f})"
 
 
 def markdown(rows: dict[str, dict]) -> str:
     """The README table and the per-seed MRR lines."""
     lines = [
-        "| row | HE | " + " | ".join(METRICS) + " | server sent / received per round "
+        "| row | HE | "
+        + " | ".join(METRICS)
+        + " | server sent / received per round (MB): mean (min-max) "
         "| round time (s): mean, min-max | max \\|HE - plain\\| aggregate "
         "| max \\|HE - plain\\| metric | seeds | commit |",
         "|---|---|" + "---|" * len(METRICS) + "---|---|---|---|---|---|",

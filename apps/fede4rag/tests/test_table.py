@@ -51,7 +51,9 @@ def test_row_numbers_by_hand():
     plain = [_record(0, 0.6, []), _record(1, 0.75, [])]
     row = table.summarize(he, plain)
     assert row["mrr"] == pytest.approx((0.7, 0.1414213562), abs=1e-9)  # sample std
-    assert row["sent"] == 40.0 and row["received"] == 50.0  # round 0 left out
+    assert row["sent"] == (40.0, 10, 70) and row["received"] == (50.0, 20, 80)  # not round 0
+    assert table._mb((35.5e6, 35.5e6, 35.5e6)) == "35.5"
+    assert table._mb((635e6, 35.5e6, 862.9e6)) == "635.0 (35.5-862.9)"
     assert row["time"] == (1.75, 1.0, 3.0)  # rounds 1, 2, 1, 3
     assert row["he-err"] == 3e-8  # the largest over rounds and seeds
     assert row["vs-plain"] == pytest.approx(0.05)  # seed 1: 0.8 vs 0.75
