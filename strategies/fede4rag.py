@@ -137,14 +137,16 @@ def add_ciphertexts(public_ctx, records: list[ArrayRecord]) -> ArrayRecord:
     return ArrayRecord({"ciphertext": _bytes_array(total.serialize())})
 
 
-def decrypt_mean(
-    ctx, record: ArrayRecord, config: ConfigRecord, template: ArrayRecord
-) -> ArrayRecord:
-    """Client side: decrypt the sum, divide by ``he-count``, reshape like ``template``."""
+def decrypt_sum_mean(ctx, record: ArrayRecord, config: ConfigRecord) -> np.ndarray:
+    """Client side: the decrypted sum divided by ``he-count``, as one float64 vector."""
     count = int(config.get("he-count", 0))
     if count < 1:
         raise HEError(f"he-count={count}: the number of summands must be >= 1")
-    vec = np.asarray(load_ciphertext(ctx, record).decrypt(), dtype=np.float64) / count
+    return np.asarray(load_ciphertext(ctx, record).decrypt(), dtype=np.float64) / count
+
+
+def unflatten(vec: np.ndarray, template: ArrayRecord) -> ArrayRecord:
+    """``vec`` cut and reshaped like ``template`` (its key order and dtypes)."""
     out, pos = {}, 0
     for k in template:
         ref = template[k].numpy()
@@ -153,6 +155,13 @@ def decrypt_mean(
     if pos != len(vec):
         raise HEError(f"decrypted {len(vec)} values, the trained subset has {pos}")
     return ArrayRecord(out)
+
+
+def decrypt_mean(
+    ctx, record: ArrayRecord, config: ConfigRecord, template: ArrayRecord
+) -> ArrayRecord:
+    """Client side: decrypt the sum, divide by ``he-count``, reshape like ``template``."""
+    return unflatten(decrypt_sum_mean(ctx, record, config), template)
 
 
 # ---------------------------------------------------------------------------- the strategy
@@ -296,7 +305,14 @@ class EncryptedMean(PhasedStrategy):
         train["he-add-s"] = add_s
         if not self.evaluate:
             return RoundOutcome(train_metrics=MetricRecord(train))
-        conf = ConfigRecord({"server-round": server_round, "he-count": self.count})
+        # he-nodes: whose updates the sum holds (the evaluator's audit, task.he_audit_error)
+        conf = ConfigRecord(
+            {
+                "server-round": server_round,
+                "he-count": self.count,
+                "he-nodes": [int(m.metadata.src_node_id) for m in good],
+            }
+        )
         ev = protocol.exchange(
             "evaluate",
             {

@@ -129,6 +129,10 @@ def test_rounds_under_ckks_equal_the_plain_mean_and_the_server_holds_ciphertexts
     assert all(set(m.content.array_records) == {"enc"} for m in r2)
     assert all(m.content["config"]["he-count"] == 3 and m.content["config"]["he"] for m in r2)
     assert proto.rounds[1]["phases"]["train"]["bytes_received"] > 3 * 8 * 1000  # ciphertexts
+    # the evaluator is told whose updates the sum holds (for the simulation's audit)
+    ev = [m for m in grid.seen if m.metadata.message_type == "evaluate"]
+    assert [m.metadata.dst_node_id for m in ev] == [1, 1]
+    assert list(ev[-1].content["config"]["he-nodes"]) == [1, 2, 3]
 
 
 def test_malformed_encrypted_replies_are_rejected_with_a_reason(ctx, public):

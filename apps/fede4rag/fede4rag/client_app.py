@@ -5,7 +5,7 @@ import time
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fede4rag.task import evaluator, parse_config, received_arrays
+from fede4rag.task import evaluator, he_audit_error, parse_config, received_global
 from flowerbed.common.client import add_partition_query
 from flowerbed.common.threads import fit_threads
 
@@ -37,7 +37,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     fit_threads(context)
     cfg = parse_config(context.run_config)
     t0 = time.perf_counter()
-    arrays = received_arrays(msg, cfg)
+    arrays, vec = received_global(msg, cfg)
     metrics = dict(evaluator(cfg)(arrays))
+    if vec is not None and cfg["he-audit-dir"]:  # simulation diagnostic: CKKS vs plain mean
+        metrics["he-max-abs-err"] = he_audit_error(cfg, msg.content["config"], vec)
     metrics["evaluate-time-s"] = time.perf_counter() - t0
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -5,8 +5,10 @@ centralized baseline's fit."""
 from __future__ import annotations
 
 import copy
+import shutil
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +53,11 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "temperature": C.Option(1.0, C.positive, "InfoNCE temperature > 0"),
         "he": C.Option(False, help="CKKS-encrypted aggregation (TenSEAL)"),
         "he-poly-degree": C.Option(8192, C.positive, "CKKS polynomial modulus degree"),
+        "he-audit-dir": C.Option(
+            "",
+            help="simulation diagnostic (he = true): folder shared by the clients for "
+            "max |CKKS mean - plain mean| (he_audit_error); '' = off",
+        ),
     },
     num_server_rounds=25,
     partitioner="topic-groups",
@@ -73,6 +80,8 @@ def parse_config(run_config) -> C.RunConfig:
             raise C.ConfigError(
                 f"run config {key}=true: not with he=true (the server holds only the encrypted sum)"
             )
+    if cfg["he-audit-dir"] and not cfg["he"]:
+        raise C.ConfigError("run config he-audit-dir set: needs he=true (it audits the CKKS sum)")
     return cfg
 
 
@@ -211,16 +220,51 @@ def train_steps(
     return {k: v / steps for k, v in sums.items()}
 
 
-def received_arrays(msg: Message, cfg) -> ArrayRecord:
-    """The global model of the message: plaintext ``arrays``, or the CKKS sum ``enc``
-    decrypted with the clients' key and divided by the number of summands."""
+def received_global(msg: Message, cfg) -> tuple[ArrayRecord, np.ndarray | None]:
+    """The global model of the message: plaintext ``arrays`` (vector None), or the CKKS sum
+    ``enc`` decrypted with the clients' key and divided by the number of summands (with that
+    mean as one float64 vector, before the cast to the model's dtype)."""
     if "enc" in msg.content.array_records:
-        from flowerbed.strategies.fede4rag import client_context, decrypt_mean
+        from flowerbed.strategies.fede4rag import client_context, decrypt_sum_mean, unflatten
 
         ctx = client_context(cfg["seed"], cfg["he-poly-degree"])
-        template = make_encoder(cfg).to_record()
-        return decrypt_mean(ctx, msg.content["enc"], msg.content["config"], template)
-    return msg.content["arrays"]
+        vec = decrypt_sum_mean(ctx, msg.content["enc"], msg.content["config"])
+        return unflatten(vec, make_encoder(cfg).to_record()), vec
+    return msg.content["arrays"], None
+
+
+def received_arrays(msg: Message, cfg) -> ArrayRecord:
+    """The global model of the message (:func:`received_global` without the vector)."""
+    return received_global(msg, cfg)[0]
+
+
+# ---------------------------------------------------------------------------- the HE audit
+def audit_file(cfg, server_round: int, node_id: int) -> Path:
+    """Where node ``node_id`` leaves its plaintext update of ``server_round`` for the audit."""
+    return Path(cfg["he-audit-dir"]) / f"r{int(server_round)}" / f"node{int(node_id)}.npy"
+
+
+def write_audit(cfg, server_round: int, node_id: int, update: ArrayRecord) -> None:
+    """Simulation diagnostic (``he-audit-dir``): the client's plaintext update, as the float64
+    vector it encrypted, into the folder the clients share (never through the server)."""
+    from flowerbed.strategies.fede4rag import flatten
+
+    path = audit_file(cfg, server_round, node_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, flatten(update))
+
+
+def he_audit_error(cfg, conf, vec: np.ndarray) -> float:
+    """The evaluator's audit: ``max_i |vec_i - (1/K) sum_k x_k,i|`` of the decrypted CKKS mean
+    ``vec`` against the plain mean of the updates ``x_k`` of the nodes the sum holds
+    (``he-nodes`` of the evaluate config); the round's files are removed afterwards."""
+    rnd, nodes = int(conf["server-round"]), [int(n) for n in conf["he-nodes"]]
+    total = np.zeros_like(vec)
+    for n in nodes:
+        total += np.load(audit_file(cfg, rnd, n))
+    err = float(np.max(np.abs(vec - total / len(nodes))))
+    shutil.rmtree(audit_file(cfg, rnd, 0).parent, ignore_errors=True)
+    return err
 
 
 def client_train(msg: Message, context, cfg) -> Message:
@@ -258,6 +302,8 @@ def client_train(msg: Message, context, cfg) -> Message:
 
         t2 = time.perf_counter()
         enc = encrypt_arrays(client_context(cfg["seed"], cfg["he-poly-degree"]), new)
+        if cfg["he-audit-dir"]:
+            write_audit(cfg, rnd, context.node_id, new)
         metrics["he-encrypt-s"] = time.perf_counter() - t2
         metrics["he-decrypt-s"] = t_dec
         content = reply(None, **metrics)
@@ -281,17 +327,28 @@ def embed_index(cfg, enc: Encoder, name: str, index: np.ndarray) -> torch.Tensor
     return torch.cat(out).cpu()
 
 
+def drift(arrays: ArrayRecord, start: np.ndarray) -> float:
+    """``||theta - theta_0|| / ||theta_0||`` of the trained subset against the pretrained one."""
+    from flowerbed.strategies.fede4rag import flatten
+
+    return float(np.linalg.norm(flatten(arrays) - start) / np.linalg.norm(start))
+
+
 def evaluator(cfg):
-    """``evaluate(arrays) -> {hit@1, hit@5, hit@10, mrr, ndcg@10}``: the held-out questions
-    against the whole passage pool (plain matrix index)."""
+    """``evaluate(arrays) -> {hit@1, hit@5, hit@10, mrr, ndcg@10, drift}``: the held-out
+    questions against the whole passage pool (plain matrix index), and how far the trained
+    subset moved from the pretrained encoder (:func:`drift`)."""
+    from flowerbed.strategies.fede4rag import flatten
+
     pairs = load_pairs(int(cfg["max-docs"]))
     test = pairs.test_index
+    start = flatten(initial_arrays(cfg))
 
     def evaluate(arrays: ArrayRecord) -> dict[str, float]:
         enc = make_encoder(cfg).load(arrays)
         q = embed_index(cfg, enc, "q", test)
         p = embed_index(cfg, enc, "p", np.arange(len(pairs)))
-        return retrieval_metrics(q, p, test)
+        return {**retrieval_metrics(q, p, test), "drift": drift(arrays, start)}
 
     return evaluate
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from flowerbed.common.config import ConfigError, check_pyproject
 from flowerbed.common.testing import app_path, mock_reply, node_context
@@ -228,10 +228,17 @@ def test_every_method_runs(tmp_path, method):
 
 def test_he_aggregate_equals_plain_and_server_sees_only_ciphertexts(tmp_path):
     plain = _run(tmp_path, "plain", method="fede4rag")
-    he = _run(tmp_path, "he", method="fede4rag", he=True)
+    audit = tmp_path / "audit"
+    he = _run(tmp_path, "he", method="fede4rag", he=True, **{"he-audit-dir": str(audit)})
     fp, fh = plain["extra"]["final"], he["extra"]["final"]
-    for k in ("hit@1", "hit@5", "hit@10", "mrr", "ndcg@10"):
+    for k in ("hit@1", "hit@5", "hit@10", "mrr", "ndcg@10", "drift"):
         assert fh[k] == pytest.approx(fp[k], abs=1e-6)
+    # the evaluator's audit of every round: CKKS mean vs plain mean of the same updates
+    for r in (1, 2):
+        err = {x["round"]: x for x in he["rounds"]}[r]["server_he-max-abs-err"]
+        assert 0 < err <= 1e-6  # CKKS is approximate, but within 1e-6
+    assert "he-max-abs-err" not in fp
+    assert not any(audit.rglob("*.npy"))  # the evaluator removed the plaintext files
     r1 = {r["round"]: r for r in he["rounds"]}[1]
     assert set(r1["phases"]) == {"train.hesetup", "train", "evaluate"}
     assert r1["phases"]["train"]["num_replies"] == 3
@@ -239,6 +246,28 @@ def test_he_aggregate_equals_plain_and_server_sees_only_ciphertexts(tmp_path):
     p1 = {r["round"]: r for r in plain["rounds"]}[1]
     assert r1["phases"]["train"]["bytes_received"] > 10 * p1["bytes_received"]
     assert r1["train_he-encrypt-s"] > 0 and r1["train_he-add-s"] > 0
+
+
+def test_he_audit_error_by_hand(tmp_path):
+    cfg = task.parse_config({"he": True, "he-audit-dir": str(tmp_path)})
+    ups = {1: [1.0, 2.0, 3.0], 2: [3.0, 2.0, 0.0], 7: [100.0, 100.0, 100.0]}
+    for node, v in ups.items():  # node 7 wrote a file but its reply was not in the sum
+        task.write_audit(cfg, 4, node, ArrayRecord({"x": Array(np.array(v, np.float32))}))
+    conf = ConfigRecord({"server-round": 4, "he-nodes": [1, 2]})
+    # plain mean [2, 2, 1.5]; the "decrypted" mean is off by 0.25 at the last entry
+    err = task.he_audit_error(cfg, conf, np.array([2.0, 2.0, 1.75]))
+    assert err == pytest.approx(0.25)
+    assert not (tmp_path / "r4").exists()  # the round's plaintext files are removed
+    with pytest.raises(ConfigError, match="he-audit-dir set: needs he=true"):
+        task.parse_config({"he-audit-dir": str(tmp_path)})
+
+
+def test_drift_by_hand():
+    start = np.array([3.0, 4.0])  # norm 5
+    moved = ArrayRecord({"a": Array(np.array([3.0], np.float32)), "b": Array(np.array([7.0]))})
+    assert task.drift(moved, start) == pytest.approx(3.0 / 5.0)
+    cfg = task.parse_config(TINY)
+    assert task.evaluator(cfg)(task.initial_arrays(cfg))["drift"] == 0.0
 
 
 @pytest.mark.e2e
