@@ -112,6 +112,19 @@ def test_train_client_is_seeded_uses_the_received_chart_and_moves_the_adapter():
     )  # the flowchart in the prompt changes what is learned
 
 
+def test_tiny_student_trains_its_embeddings_and_head_in_full():
+    cfg = task.parse_config(_cfg())
+    init = task.initial_arrays(cfg)
+    v = task.codec("tiny").vocab_size
+    full = [k for k in init if any(m in k for m in task.TINY_FULL)]
+    # the embeddings and the head travel with the LoRA tensors, whole (V x width), and move
+    assert {m for m in task.TINY_FULL if any(m in k for k in full)} == set(task.TINY_FULL)
+    assert all(init[k].numpy().shape[0] == v for k in full)
+    assert any("lora_A" in k for k in init) and any("lora_B" in k for k in init)
+    new, _ = task.client_fit(cfg, 0, 1, init, None)
+    assert all(not np.array_equal(new[k].numpy(), init[k].numpy()) for k in full)
+
+
 def _own_synthetic(cfg, pid):
     from tofdistill import simulate as M
 

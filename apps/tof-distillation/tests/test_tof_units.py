@@ -358,3 +358,93 @@ def test_score_policy_takes_the_most_likely_action_of_the_service():
     assert task.lm_policy(cfg, _FixedLM([0.0] * c.vocab_size), lambda t: None)([other]) == [
         D.actions("refund")[0]
     ]
+
+
+class _BigramLM:
+    """A fake causal LM whose logits at position ``t`` are ``table[input_ids[t]]``: the next
+    token depends on the current one, so scoring the wrong position is visible."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_target_logprobs_score_each_token_from_the_one_before():
+    import torch
+    from tofdistill import task
+
+    c = task.codec("tiny")
+    v = c.vocab_size
+    (a,), (bye,), (req,) = c.encode("a"), c.encode("goodbye"), c.encode("request_email")
+    table = torch.zeros(v, v)
+    table[a, bye] = math.log(3.0)  # after "a": p(goodbye) = 3 / (V + 2)
+    table[bye, c.eos] = math.log(3.0)  # after "goodbye": p(eos) = 3 / (V + 2)
+    table[req, req] = math.log(3.0)  # a token predicting itself (a shift error would score it)
+    z = v + 2
+    lp = task.target_logprobs(
+        _BigramLM(table), c, [("a", " goodbye"), ("a", " request_email")], "cpu"
+    )
+    assert lp[0] == pytest.approx(2 * math.log(3 / z), abs=1e-5)
+    assert lp[1] == pytest.approx(2 * math.log(1 / z), abs=1e-5)
+
+
+class _Generator:
+    """A fake LM that always generates ``words`` then the end of sequence, and whose scores
+    (uniform but for ``liked``) would pick another action."""
+
+    def __init__(self, c, words, liked):
+        import torch
+
+        self.c, self.words = c, words
+        self.row = torch.zeros(c.vocab_size)
+        self.row[c.encode(liked)[0]] = 5.0
+
+    def __call__(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        n, t = input_ids.shape
+        return SimpleNamespace(logits=self.row.expand(n, t, len(self.row)).clone())
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        import torch
+
+        new = (self.c.encode(self.words) + [self.c.eos] * max_new_tokens)[:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new] * len(input_ids))], 1)
+
+
+def test_decode_generate_reads_the_first_generated_word_and_score_ranks():
+    from tofdistill import task
+
+    c = task.codec("tiny")
+    state = M.State("refund", "ask_refund_time", "when", "", "confirm_refund")
+    lm = _Generator(c, "inform_refund_time goodbye", liked="confirm_refund")
+    gen = task.lm_policy(task.parse_config({"model": "tiny"}), lm, lambda t: None)
+    assert gen([state, state]) == ["inform_refund_time"] * 2
+    score = task.lm_policy(
+        task.parse_config({"model": "tiny", "decode": "score"}), lm, lambda t: None
+    )
+    assert score([state]) == ["confirm_refund"]
+
+
+def test_table_cells_resume_only_finished_runs(tmp_path):
+    import json
+
+    from tofdistill.table import cells, complete
+
+    got = cells(["tof-fed", "pooled-raw"], [0, 1], tmp_path)
+    assert [c.name for _, _, c in got] == [
+        "tof-fed-s0",
+        "pooled-raw-s0",
+        "tof-fed-s1",
+        "pooled-raw-s1",
+    ]
+    done, killed, empty = (got[0][2], got[1][2], got[2][2])
+    for d in (done, killed, empty):
+        d.mkdir()
+    (done / "results.json").write_text(json.dumps({"finished_at": "x", "extra": {}}))
+    (killed / "results.json").write_text(json.dumps({"extra": {}}))  # a run killed mid-way
+    assert [complete(d) for d in (done, killed, empty)] == [True, False, False]
