@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord
 
 from flowerbed.common import config as C
 from flowerbed.common import llm
-from flowerbed.common.partition import register_partitioner
+from flowerbed.common.partition import generated_partitioner, register_partitioner
 from flowerbed.common.seeding import derive_seed
 from flowerbed.common.train import get_device
 from flowerbed.strategies.tof_distillation import Flowchart
@@ -76,17 +76,10 @@ TEST_SEED = 0x7E57  # the held-out simulated users: the same in every run
 TINY_FULL = ("embed_tokens", "lm_head")
 
 
-class TaskPartitioner:
-    """Client ``k`` of ``K`` serves tasks ``k % 4, (k + 1) % 4, ...`` (``tasks-per-client``);
-    no data set behind it: every client generates its own dialogues from its seed."""
-
-    def __init__(self, num_partitions: int) -> None:
-        self.num_partitions = int(num_partitions)
-
-
-@register_partitioner("task")
-def _task(num_partitions: int, seed: int, **_):
-    return TaskPartitioner(num_partitions)
+# Client ``k`` of ``K`` serves tasks ``k % 4, (k + 1) % 4, ...`` (``tasks-per-client``,
+# :func:`client_tasks`); no data set behind it: every client generates its own dialogues from
+# its seed.
+register_partitioner("task", generated_partitioner)
 
 
 def parse_config(run_config) -> C.RunConfig:
