@@ -76,9 +76,9 @@ ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 def warm_torch() -> None:
     """A few SGD and Adam steps of a tiny conv net on CPU, with one thread, before any fork.
 
-    Torch pays a one-time cost (about 0.8 s on this repo's 2-core machine) the first time a
-    process trains (lazy imports and initialisation in autograd and ``torch.optim``): a fresh
-    process's first local epoch runs ~50 % slower per step over 200 steps. A simulation actor
+    Torch pays a one-time cost the first time a process trains (lazy imports and
+    initialisation in autograd and ``torch.optim``): a fresh process's first local epoch runs
+    slower per step than its later ones. A simulation actor
     pays it in round 1 only; a ClientApp forked from a cold process would pay it every round.
     Paid here once, the forked children inherit the initialised state. Uses one intra-op thread
     (no OpenMP pool is created: the children set their own thread count) and never CUDA.

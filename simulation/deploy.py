@@ -18,9 +18,9 @@ Two settings make a deployed round cost what a simulated one costs:
   the SuperLink (3 s) and its other sleeps capped at that many seconds (None: Flower's
   ``flower-supernode`` unchanged);
 - SuperLink state (``database``, default None): in memory, as ``flower-superlink`` keeps it
-  without ``--database``; a path keeps it in SQLite, which costs the SuperLink about twice the
-  CPU per round (SQL writes for every message and object), taken from the ClientApps' cores on
-  a loopback deployment.
+  without ``--database``; a path keeps it in SQLite, which costs the SuperLink more CPU per
+  round (SQL writes for every message and object), taken from the ClientApps' cores on a
+  loopback deployment.
 
 Also the process helpers other tests use (:func:`stop_tree`).
 """

@@ -14,7 +14,7 @@ most 0.5 s) backoff to its ``pull_objects``, the same as the ServerApp side does
 
 Measured (README, benchmark at ``c19da9b``): with 0.2 s the message reached the ClientApp
 1.4 s sooner, but the round was not faster then (the ClientApp waited longer for the arrays;
-the SuperLink kept its state in SQLite then, which costs it twice the CPU per round). Since
+the SuperLink kept its state in SQLite then: SQL writes for every message and object). Since
 ``5d74286`` the deployment keeps the SuperLink's state in memory (Flower's default) and uses
 0.2 s by default; the README's benchmark section has the measured effect. A SuperNode that
 polls every 0.2 s sends ~15x more requests to the SuperLink while idle than Flower's: fine on
