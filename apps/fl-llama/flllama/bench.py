@@ -127,13 +127,17 @@ def decode_speed(model_name: str, tokens: list[int], p: int, q: int, repeat: int
     import torch
 
     from flllama import data as D
-    from flllama.model import TINY, build_model, load_tokenizer
+    from flllama.model import TINY, build_model, task_tokenizer_source
     from flllama.split import SplitLlama, split_generate
 
     torch.manual_seed(0)
     model = build_model(model_name, 0).eval()
     split = SplitLlama(model, p, q)
-    tok = D.CharTokenizer() if model_name == TINY else D.HFTaskTokenizer(load_tokenizer())
+    tok = (
+        D.CharTokenizer()
+        if model_name == TINY
+        else D.HFTaskTokenizer(task_tokenizer_source(model_name))
+    )
     batch = D.make_batch(tok, D.load_summaries(), [0], 160)
     ids, counts = batch["input_ids"], batch["counts"]
     out = []
@@ -173,7 +177,7 @@ def decode_table(rows: list[dict]) -> str:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=("modes", "decode", "all"), default="all")
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny")
+    ap.add_argument("--model", default="smollm2-135m", help="a model value of the run config")
     ap.add_argument("--clients", default="2,4,8")
     ap.add_argument("--total-batches", type=int, default=16, help="batches of the whole run")
     ap.add_argument("--batch-size", type=int, default=4)

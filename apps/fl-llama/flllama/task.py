@@ -18,7 +18,14 @@ import torch
 from flwr.app import ArrayRecord
 
 from flllama import data as D
-from flllama.model import MODELS, TINY, build_model, load_tokenizer
+from flllama.model import (
+    NAMES,
+    TINY,
+    ModelOptionError,
+    build_model,
+    check_model,
+    task_tokenizer_source,
+)
 from flllama.split import (
     SplitLlama,
     add_lora,
@@ -46,7 +53,11 @@ SCHEMA: dict[str, C.Option] = C.compose(
     C.RESULTS,
     {
         "method": C.Option("split-sequential"),  # choices from the method table
-        "model": C.Option("smollm2-135m", choices=MODELS, help="tiny (tests) | smollm2-135m"),
+        "model": C.Option(
+            "smollm2-135m",
+            lambda v: bool(v.strip()),
+            f"{' | '.join(NAMES)} | the path of a prepared LlamaForCausalLM folder or .gguf file",
+        ),
         "split-a": C.Option(1, C.positive, "decoder layers in block A (p) > 0"),
         "split-c": C.Option(1, C.positive, "decoder layers in block C (q) > 0"),
         "lora-rank": C.Option(8, C.positive, "LoRA rank > 0"),
@@ -95,6 +106,12 @@ def parse_config(run_config) -> C.RunConfig:
     cfg = C.parse(
         run_config, {**SCHEMA, "method": METHODS.option("split-sequential")}, methods=METHODS
     )
+    try:
+        check_model(cfg["model"])
+    except ModelOptionError as e:
+        raise C.ConfigError(f"run config {e}") from None
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise C.ConfigError("run config device='cuda': no CUDA device here (use auto or cpu)")
     if cfg["grad-dp-noise"] > 0 and cfg["grad-dp-clip"] <= 0:
         raise C.ConfigError(
             f"run config grad-dp-noise={cfg['grad-dp-noise']}: needs grad-dp-clip > 0"
@@ -104,8 +121,9 @@ def parse_config(run_config) -> C.RunConfig:
 
 # ---------------------------------------------------------------------------- models and data
 @lru_cache(maxsize=2)
-def _lora_model(name: str, seed: int, rank: int, alpha: float):
-    model = add_lora(build_model(name, seed), rank, alpha, derive_seed(seed, 0x10A))
+def _lora_model(name: str, seed: int, rank: int, alpha: float, device: str):
+    # a named random config is built on the device itself (a 7B model never sits on the CPU)
+    model = add_lora(build_model(name, seed, device), rank, alpha, derive_seed(seed, 0x10A))
     # the adapters at creation: the cached model is trained in place by later calls (every
     # caller loads the adapters it needs first), so the run's start comes from this copy
     model.initial_lora = {
@@ -116,9 +134,13 @@ def _lora_model(name: str, seed: int, rank: int, alpha: float):
 
 def lora_model(cfg):
     """The LoRA'd model, identical in every process (base from ``seed`` or the cache; LoRA's A
-    matrices from ``derive_seed(seed, 0x10A)``), cached per process: callers load adapters."""
-    m = _lora_model(cfg["model"], int(cfg["seed"]), int(cfg["lora-rank"]), cfg["lora-alpha"])
-    return m.to(get_device(cfg["device"]))
+    matrices from ``derive_seed(seed, 0x10A)``), on the run's device, cached per process:
+    callers load adapters."""
+    dev = get_device(cfg["device"])
+    m = _lora_model(
+        cfg["model"], int(cfg["seed"]), int(cfg["lora-rank"]), cfg["lora-alpha"], str(dev)
+    )
+    return m.to(dev)
 
 
 def split_of(cfg, model=None) -> SplitLlama:
@@ -127,7 +149,7 @@ def split_of(cfg, model=None) -> SplitLlama:
 
 @lru_cache(maxsize=2)
 def _tokenizer(name: str):
-    return D.CharTokenizer() if name == TINY else D.HFTaskTokenizer(load_tokenizer())
+    return D.CharTokenizer() if name == TINY else D.HFTaskTokenizer(task_tokenizer_source(name))
 
 
 def tokenizer(cfg):
@@ -400,7 +422,7 @@ def evaluator(cfg):
             losses.append(lm_loss(logits, b["labels"]).item() * len(b["counts"]))
             # the position predicting the first target token
             first = (b["labels"] != -100).float().argmax(-1) - 1
-            pick = logits[torch.arange(len(first)), first][:, cand.to(dev)]
+            pick = logits[torch.arange(len(first), device=dev), first][:, cand.to(dev)]
             hits += int((pick.argmax(-1).cpu() == b["topic"].cpu()).sum())
             n += len(b["counts"])
         out = {"loss": float(np.sum(losses) / n), "accuracy": hits / n}
