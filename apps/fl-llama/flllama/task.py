@@ -83,6 +83,10 @@ SCHEMA: dict[str, C.Option] = C.compose(
             0.0, C.non_negative, "gradient DP noise std = this * grad-dp-clip >= 0"
         ),
         "mask-compression": C.Option(True, help="send non-pad counts instead of 4-D masks"),
+        "task": C.Option("topic", choices=D.TASKS, help="topic (cloze) | title (generation)"),
+        "title-tokens": C.Option(
+            16, C.positive, "task title: max new tokens of the generated title (eval) > 0"
+        ),
         "eval-samples": C.Option(48, C.positive, "test examples of the server-side eval > 0"),
         "gen-tokens": C.Option(
             0, C.non_negative, "tokens generated per test prompt for gen_accuracy (0: none) >= 0"
@@ -180,9 +184,8 @@ def client_batch(cfg, pid: int, num_partitions: int, rnd: int, step: int) -> dic
         client_pool(pid, num_partitions), cfg["batch-size"], cfg["seed"], pid, rnd, step
     )
     dev = get_device(cfg["device"])
-    return {
-        k: v.to(dev) for k, v in D.make_batch(tokenizer(cfg), rows(), idx, cfg["max-chars"]).items()
-    }
+    batch = D.make_batch(tokenizer(cfg), rows(), idx, cfg["max-chars"], cfg["task"])
+    return {k: v.to(dev) for k, v in batch.items()}
 
 
 def initial_arrays(cfg) -> ArrayRecord:
@@ -397,13 +400,42 @@ def generated_accuracy(cfg, s: SplitLlama, idx, server_round: int) -> float:
     return hits / len(idx)
 
 
-def evaluator(cfg):
-    """``evaluate(round, arrays) -> {"loss", "accuracy"}`` on ``eval-samples`` test examples:
-    the target loss, and the topic accuracy (argmax over the 12 topics' first tokens after the
-    prompt); with ``gen-tokens`` > 0 also ``gen_accuracy`` (:func:`generated_accuracy`). An
-    experiment harness: the server assembles A/C (averaged) and B in one process."""
+def generated_titles(cfg, s: SplitLlama, idx) -> list[tuple[str, str]]:
+    """``(generated, gold)`` titles of the test examples ``idx``: greedy generation of up to
+    ``title-tokens`` tokens through the split model with the KV cache on both sides, cut at the
+    first end token, decoded."""
+    tok, dev, out = tokenizer(cfg), get_device(cfg["device"]), []
+    for start in range(0, len(idx), 16):
+        chunk = idx[start : start + 16]
+        b = D.make_prompt_batch(tok, rows(), chunk, cfg["max-chars"], "title")
+        new = split_generate(
+            s, s, b["input_ids"].to(dev), b["counts"].to(dev), cfg["title-tokens"]
+        ).cpu()
+        for i, row in zip(chunk, new.tolist(), strict=True):
+            out.append((tok.decode(D.cut_at(row, tok.end)), rows()[int(i)][0]))
+    return out
+
+
+def title_metrics(pairs: Sequence[tuple[str, str]]) -> dict:
+    """Mean exact match and token F1 (:func:`flllama.data.title_scores`) over the pairs."""
+    scores = np.asarray([D.title_scores(p, g) for p, g in pairs], dtype=float)
+    return {"exact_match": float(scores[:, 0].mean()), "token_f1": float(scores[:, 1].mean())}
+
+
+def eval_indices(cfg) -> np.ndarray:
+    """The ``eval-samples`` test examples of the harness: every k-th test row, in order."""
     _, test = D.split(rows())
-    idx = np.asarray(test)[:: max(len(test) // cfg["eval-samples"], 1)][: cfg["eval-samples"]]
+    return np.asarray(test)[:: max(len(test) // cfg["eval-samples"], 1)][: cfg["eval-samples"]]
+
+
+def evaluator(cfg):
+    """``evaluate(round, arrays) -> {"loss", ...}`` on ``eval-samples`` test examples: the target
+    loss, and for task ``topic`` the topic accuracy (argmax over the 12 topics' first tokens
+    after the prompt; with ``gen-tokens`` > 0 also ``gen_accuracy``,
+    :func:`generated_accuracy`), for task ``title`` the exact match and token F1 of the greedy
+    titles (:func:`generated_titles`). An experiment harness: the server assembles A/C
+    (averaged) and B in one process."""
+    idx = eval_indices(cfg)
 
     @torch.no_grad()
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict:
@@ -413,7 +445,7 @@ def evaluator(cfg):
         cand = torch.tensor(tok.topic_tokens())
         losses, hits, n = [], 0, 0
         for start in range(0, len(idx), 16):
-            b = D.make_batch(tok, rows(), idx[start : start + 16], cfg["max-chars"])
+            b = D.make_batch(tok, rows(), idx[start : start + 16], cfg["max-chars"], cfg["task"])
             dev = get_device(cfg["device"])
             b = {k: v.to(dev) for k, v in b.items()}
             logits = s.forward_c(
@@ -425,6 +457,11 @@ def evaluator(cfg):
             pick = logits[torch.arange(len(first), device=dev), first][:, cand.to(dev)]
             hits += int((pick.argmax(-1).cpu() == b["topic"].cpu()).sum())
             n += len(b["counts"])
+        if cfg["task"] == "title":
+            return {
+                "loss": float(np.sum(losses) / n),
+                **title_metrics(generated_titles(cfg, s, idx)),
+            }
         out = {"loss": float(np.sum(losses) / n), "accuracy": hits / n}
         if cfg["gen-tokens"] > 0:
             out["gen_accuracy"] = generated_accuracy(cfg, s, idx, server_round)
