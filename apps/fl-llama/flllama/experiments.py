@@ -2,7 +2,7 @@
 split/centralized controls (3 seeds) and of the gradient-DP rows, then the two reports.
 
     python -m flllama.experiments                     # all sweeps that have no results yet, then both tables
-    python -m flllama.experiments --only gdp          # one group: table, gap or gdp
+    python -m flllama.experiments --only gdp          # one group: table, gap, gdp or title
     python -m flllama.experiments --match sigma-s43   # only the sweeps whose folder matches
     python -m flllama.experiments --dry-run           # print the runner commands, run nothing
 
@@ -12,7 +12,7 @@ own folder; a sweep whose folder already holds one ``results.json`` per job is k
 so the command also rebuilds the tables from earlier runs. Each run prints its progress (the
 runner's own log); one SmolLM2 run takes ~1-3 minutes on one CPU core (``OMP_NUM_THREADS=1``).
 The tables are written by :mod:`flllama.report` to ``OUT/fl-llama-table/table.md`` and
-``OUT/fl-llama-gap/gap.md``.
+``OUT/fl-llama-gap/gap.md`` and ``OUT/fl-llama-title/title.md``.
 """
 
 from __future__ import annotations
@@ -83,8 +83,11 @@ SWEEPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
         "fl-llama-gap/split-gdp3",
         (SPLIT, "++run_config.grad-dp-clip=0.04", "++run_config.grad-dp-noise=0.003,0.01"),
     ),
+    # session 7: summary -> title generation, split vs centralized at seed 42 (same schedule)
+    ("title", "fl-llama-title/central", (CENTRAL, "++run_config.task=title")),
+    ("title", "fl-llama-title/split", (SPLIT, "++run_config.task=title")),
 )
-GROUPS = ("table", "gap", "gdp")
+GROUPS = ("table", "gap", "gdp", "title")
 
 
 def jobs(overrides: tuple[str, ...]) -> int:
@@ -125,7 +128,7 @@ def plan(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "outputs"))
-    ap.add_argument("--only", default=",".join(GROUPS), help="comma list of: table, gap, gdp")
+    ap.add_argument("--only", default=",".join(GROUPS), help="comma list of: " + ", ".join(GROUPS))
     ap.add_argument("--match", default="", help="only the sweeps whose folder contains this")
     ap.add_argument("--dry-run", action="store_true")
     args = ap.parse_args(argv)
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         report.main([str(out / "fl-llama-table"), str(gap / "central-s"), str(gap / "split-s")])
     if {"gap", "gdp"} & set(only):
         report.main(["--gap", str(out / "fl-llama-gap"), str(out / "fl-llama-table")])
+    if "title" in only:
+        report.main(["--title", str(out / "fl-llama-title")])
 
 
 if __name__ == "__main__":

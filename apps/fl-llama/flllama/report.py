@@ -2,6 +2,8 @@
 per step with and without mask compression, from the ``results.json`` files of the runs.
 
     python -m flllama.report outputs/fl-llama-table [MORE FOLDERS]   # -> table.md + loss.png there
+    python -m flllama.report --gap outputs/fl-llama-gap outputs/fl-llama-table   # -> gap.md
+    python -m flllama.report --title outputs/fl-llama-title          # summary -> title: title.md
 
 Every run under the folder (any depth) is one row: its method, sigma, mask compression, the
 server-side evaluation (target loss and topic accuracy on the test examples) after the last
@@ -49,7 +51,8 @@ def clients(run: dict) -> int | None:
 
 
 def _key(run: dict) -> tuple:
-    return (*(run["config"].get(k) for k in SCHEDULE), clients(run))
+    cfg = run["config"]  # runs before the task option: the topic task
+    return (*(cfg.get(k) for k in SCHEDULE), cfg.get("task", "topic"), clients(run))
 
 
 def rows(runs: list[dict]) -> list[dict]:
@@ -204,6 +207,31 @@ def markdown(table: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def title_table(runs: list[dict]) -> str:
+    """Summary -> title runs (task ``title``): per run the evaluation loss (title tokens, round 0
+    -> last), exact match and token F1 of the greedy titles after the last round, and the loss
+    ratio to the centralized run of the same schedule and seed; centralized first."""
+    runs = [r for r in runs if r["config"].get("task") == "title"]
+    central = {_key(r): r for r in runs if not is_split(r["config"]["method"])}
+    lines = [
+        "| method | rounds x steps | eval loss (start -> end) | exact match | token F1 "
+        "| loss / centralized | wall s | seed | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (is_split(r["config"]["method"]), r["config"]["seed"])):
+        cfg, first, last = r["config"], r["rounds"][0], r["rounds"][-1]
+        ref = central.get(_key(r))
+        ratio = last["server_loss"] / ref["rounds"][-1]["server_loss"] if ref else None
+        lines.append(
+            f"| {cfg['method']} | {cfg['num-server-rounds']} x {cfg['sync-steps']} "
+            f"| {first['server_loss']:.4f} -> {last['server_loss']:.4f} "
+            f"| {last['server_exact_match']:.4f} | {last['server_token_f1']:.4f} "
+            f"| {_fmt(ratio)} | {_fmt(r.get('wall_time_s'), '.0f')} | {cfg['seed']} "
+            f"| {r.get('git_commit', '')[:7]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(runs: list[dict], path: Path) -> None:
     """Server-side evaluation loss against round, one line per run."""
     import matplotlib
@@ -229,8 +257,8 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     args = sys.argv[1:] if argv is None else argv
-    gap = "--gap" in args
-    args = [a for a in args if a != "--gap"]
+    gap, title = "--gap" in args, "--title" in args
+    args = [a for a in args if a not in ("--gap", "--title")]
     folder = Path(args[0] if args else "outputs/fl-llama-table")
     runs = [r for f in args[1:] for r in load_runs(f)] + load_runs(folder)
     if not runs:
@@ -240,6 +268,12 @@ def main(argv: list[str] | None = None) -> str:
         (folder / "gap.md").write_text(text)
         print(text + f"-> {folder / 'gap.md'}")
         return text
+    if title:  # python -m flllama.report --title FOLDER: the title task into FOLDER/title.md
+        text = title_table(runs)
+        (folder / "title.md").write_text(text)
+        print(text + f"-> {folder / 'title.md'}")
+        return text
+    runs = [r for r in runs if r["config"].get("task", "topic") == "topic"]
     table = rows(runs)
     text = markdown(table) + "\n" + seed_summary(table)
     (folder / "table.md").write_text(text)

@@ -122,6 +122,32 @@ def test_report_ratio_and_bytes_by_hand():
     assert "| 1.0500 |" in text
 
 
+def test_title_table_ratio_and_metrics_by_hand():
+    """Task title: split 2.5 / centralized 2.0 -> 1.2500, the last round's exact match and F1;
+    a topic run of the same schedule is left out (and never is a title run's reference)."""
+    runs = []
+    for method, loss, em, f1 in (
+        ("centralized", 2.0, 0.5, 0.75),
+        ("split-sequential", 2.5, 0.25, 0.5),
+    ):
+        r = _run(method, 0.0, True, loss, 10)
+        r["config"]["task"] = "title"
+        for x in r["rounds"]:
+            x["server_exact_match"], x["server_token_f1"] = em, f1
+        runs.append(r)
+    runs.append(_run("centralized", 0.0, True, 1.0, 0))  # topic task: not in the title table
+    text = report.title_table(runs)
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert (
+        lines[2]
+        == "| centralized | 2 x 3 | 5.0000 -> 2.0000 | 0.5000 | 0.7500 | 1.0000 | 3 | 1 | abcdef0 |"
+    )
+    assert lines[3] == (
+        "| split-sequential | 2 x 3 | 5.0000 -> 2.5000 | 0.2500 | 0.5000 | 1.2500 | 3 | 1 | abcdef0 |"
+    )
+
+
 def test_report_seed_summary_by_hand():
     """Each setting over its seeds, ratios to the centralized run of the same seed: split
     2.2 / 2.0 and 1.3 / 1.0 -> 1.2000 ± 0.1414 (sample std); losses 1.75 ± 0.6364."""
@@ -211,6 +237,9 @@ def test_experiments_plan_has_every_readme_sweep_and_keeps_finished_ones(tmp_pat
     (folder / "2").mkdir()
     (folder / "2" / "results.json").write_text("{}")
     assert experiments.plan(tmp_path, ("gdp",))[1][1]
+    title = [" ".join(c) for c, _ in experiments.plan(tmp_path, ("title",))]
+    assert len(title) == 2 and all("task=title" in c for c in title)
+    assert sum("method=centralized" in c for c in title) == 1  # vs split-sequential, seed 42
     with pytest.raises(SystemExit, match="unknown group 'x'"):
         experiments.main(["--only", "x", "--out", str(tmp_path)])
 
