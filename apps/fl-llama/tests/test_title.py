@@ -17,16 +17,9 @@ APP = app_path("fl-llama")
 from flllama import data as D  # noqa: E402
 from flllama import task  # noqa: E402
 
-TINY = {
-    "model": "tiny",
-    "task": "title",
-    "num-server-rounds": 2,
-    "sync-steps": 3,
-    "max-chars": 40,
-    "lr": 5e-3,
-    "eval-samples": 8,
-    "title-tokens": 6,
-}
+# the tiny schedule of test_fl_llama_app.py, on the title task with short generated titles
+TINY = dict(model="tiny", task="title", lr=5e-3, **{"num-server-rounds": 2, "sync-steps": 3})
+TINY.update({"max-chars": 40, "eval-samples": 8, "title-tokens": 6})
 
 
 def test_title_examples_are_deterministic_and_only_the_title_is_scored():
