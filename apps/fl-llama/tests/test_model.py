@@ -100,6 +100,13 @@ def test_path_model_is_prepared_and_gives_the_same_logits(cache, tmp_path, capsy
     # cached: a second prepare converts nothing; the source may go, the cache stays usable
     prepare.main(["--model", str(src)])
     assert "already cached" in capsys.readouterr().out
+    import shutil
+
+    shutil.rmtree(src)
+    with torch.no_grad():
+        assert torch.equal(
+            M.build_model(str(src), 0)(input_ids=ids).logits, ref(input_ids=ids).logits
+        )
 
 
 def test_bad_model_value_is_one_line_before_any_work(cache, tmp_path):
