@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
+from logging import WARNING
 
 import torch
+from flwr.common import log
 from torch import nn
 
 
 def get_device(prefer: str = "auto") -> torch.device:
-    """``cuda`` if available (or asked for and present), ``cpu`` otherwise."""
+    """``cuda`` if available (or asked for and present), ``cpu`` otherwise.
+
+    ``prefer="cuda"`` on a node without CUDA runs on the CPU and logs a warning (once per
+    process): in a deployment one run config reaches every node, and a node without a GPU still
+    trains (apps that must have CUDA check it in their own config parsing).
+    """
     if prefer == "cpu":
         return torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if prefer == "cuda":
+        _warn_no_cuda()
+    return torch.device("cpu")
+
+
+@functools.cache
+def _warn_no_cuda() -> None:
+    log(WARNING, "device='cuda' asked for, but this node has no CUDA device: running on the CPU")
 
 
 def iterate_minibatches(n: int, batch_size: int, generator: torch.Generator | None = None):
