@@ -109,7 +109,7 @@ class CharTokenizer:
     """The tiny model's tokenizer: 0 pad, 1..12 the topics, 13 the separator, 14..63 characters
     (lower-cased; anything else is the last symbol)."""
 
-    CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:'()-\"?!/&"  # 49 + unknown
+    CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:'()-\"?!/"  # ids 14..62; 63 = unknown
     PAD, SEP = 0, 13
     vocab_size = 64
 
