@@ -148,6 +148,8 @@ def test_gap_and_detection_tables_by_hand(tmp_path):
     metrics = "\n".join(E.metrics_table(found, 0.3))
     assert "| fedidm | sign-flip | 0.6900 ± 0.1179 | 0.1000 ± 0.0000 |" in metrics
     assert "| fedavg | none | – | – | – | – | 0 |" in metrics
+    matrix = "\n".join(E.matrix_table(found, 0.3))
+    assert "| fedidm | 0.700 | 0.690 (-1.0) | – |" in matrix
 
 
 def test_reports_are_written_per_fraction(tmp_path):
