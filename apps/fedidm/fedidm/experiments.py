@@ -47,20 +47,13 @@ from typing import Any
 
 import numpy as np
 
+from fedidm.methods import METHODS as TABLE
 from flowerbed.simulation.table import collect, mean_std
 
 ROOT = Path(__file__).resolve().parents[3]
 APP = "fedidm"
-METHODS = (
-    "fedidm",
-    "fedavg",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
-    "fltrust",
-)
+METHODS = TABLE.names  # every row of the method table
+#: the shared suite's attacks (common.attacks.ATTACKS but none), in the README's order
 ATTACKS = ("sign-flip", "gaussian", "label-flip", "lie", "min-max", "min-sum", "ipm")
 FRACTIONS = (0.2, 0.3, 0.4)
 SEEDS = (0, 1, 2)

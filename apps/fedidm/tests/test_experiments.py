@@ -7,6 +7,7 @@ from itertools import product
 
 import pytest
 
+from flowerbed.common import attacks
 from flowerbed.common.testing import app_path
 
 APP = app_path("fedidm")
@@ -43,6 +44,7 @@ def test_the_grid_has_every_method_attack_fraction_seed_and_shares_no_attack():
     assert ("fedidm", "none", None, 2) in every and ("fltrust", "ipm", 0.4, 0) in every
     assert not any(a == "none" and f is not None for _, a, f, _ in every)
     assert len(E.cells((0.3,))) == 24 + 8 * 7 * 3
+    assert {"none", *E.ATTACKS} == set(attacks.ATTACKS) and len(E.METHODS) == 8
     assert E.setting()["num-server-rounds"] == 10 and E.setting()["alpha"] == 0.5
     assert E.setting()["dataset"] == "fashion_mnist" and "method" not in E.setting()
 
