@@ -77,6 +77,7 @@ OWN_KEYS = {
         "fallback",
         "rectify",
         "finetune",
+        "finetune-from",
     ),
     "fltrust": ("root-size",),
     "fedtrimmedavg": ("trim-beta",),
