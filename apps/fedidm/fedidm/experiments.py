@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     wrap = shlex.split(args.wrap)
     for i, cmd in enumerate(cmds, 1):
         tag = "would run" if args.dry_run or args.skip_runs else "queued"
-        print(f"[experiments {i}/{len(cmds)}] {tag}: {shlex.join([*wrap, *cmd[2:]])}", flush=True)
+        print(f"[experiments {i}/{len(cmds)}] {tag}: {shlex.join([*wrap, *cmd])}", flush=True)
     if args.dry_run:
         return
     if not args.skip_runs and cmds:
