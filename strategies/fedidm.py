@@ -23,7 +23,9 @@ formula and threshold below is a **Reconstruction** on top of FedDM-style distri
    model is kept (``"keep"``); the accepted clients are the trusted ones of the next round;
 6. optionally (``finetune``) the server then trains the aggregate on ``S*`` with the same
    ``train_fn`` as ``g_0`` (FedDM's server step on condensed data; Reconstruction option of
-   "fast and stable convergence", see the app README's "Diagnosis").
+   "fast and stable convergence", see the app README's "Diagnosis"), from round
+   ``finetune_from`` on (2: never on the round-1 pool, which holds every client's set
+   unrectified, the global model being at chance; Reconstruction option).
 
 The rejected nodes and the reason of each are in the round's history row (``rejected_nodes``,
 ``reject_reasons``), which the attack wrapper scores for detection precision and recall.
@@ -109,6 +111,9 @@ class FedIDM(FedAvg):
     finetune : bool, default False
         Train the aggregate on the condensed set with ``train_fn`` (not after the fallback,
         which is already ``w + g_0``).
+    finetune_from : int, default 1
+        First round of ``finetune`` (2: the round-1 pool, unrectifiable at a chance-level
+        model, is never trained on; it still gives the round's ``g_0`` and checks).
     **kwargs
         Passed to :class:`flowerbed.strategies.fedavg.FedAvg`.
     """
@@ -129,6 +134,7 @@ class FedIDM(FedAvg):
         rectify_min_agree: float = 0.5,
         trusted_only: bool = True,
         finetune: bool = False,
+        finetune_from: int = 1,
         **kwargs,
     ) -> None:
         if fallback not in FALLBACKS:
@@ -141,7 +147,7 @@ class FedIDM(FedAvg):
         self.tau_cos, self.mad_c, self.clip, self.fallback = tau_cos, mad_c, clip, fallback
         self.rectify, self.rectify_min_agree = rectify, rectify_min_agree
         self.trusted_only = trusted_only
-        self.finetune = finetune
+        self.finetune, self.finetune_from = finetune, finetune_from
         self.trusted: set[int] | None = None
 
     def summary(self) -> None:
@@ -150,10 +156,11 @@ class FedIDM(FedAvg):
         log(INFO, "\t│\t├── tau_cos=%s mad_c=%s clip=%s", self.tau_cos, self.mad_c, self.clip)
         log(
             INFO,
-            "\t│\t└── fallback=%s rectify=%s finetune=%s",
+            "\t│\t└── fallback=%s rectify=%s finetune=%s (from round %s)",
             self.fallback,
             self.rectify,
             self.finetune,
+            self.finetune_from,
         )
         super().summary()
 
@@ -254,6 +261,7 @@ class FedIDM(FedAvg):
             norms = np.linalg.norm(chosen, axis=1)
             chosen = chosen * np.minimum(1.0, n0 / np.maximum(norms, 1e-12))[:, None]
         new = unflatten(w + chosen.mean(0), self._global, keys)
-        if self.finetune:
+        row["finetuned"] = self.finetune and server_round >= self.finetune_from
+        if row["finetuned"]:
             new = self.train_fn(server_round, new, x, y)
         return new, metrics

@@ -116,6 +116,27 @@ def test_finetune_trains_the_aggregate_on_the_condensed_set():
         np.testing.assert_allclose(s.aggregate_train(1, reps)[0]["w"].numpy(), want)
 
 
+def test_finetune_from_round_two_skips_the_round_one_pool():
+    def half(rnd, arrays, x, y):  # halfway from w to the condensed mean
+        w = arrays["w"].numpy()
+        return ArrayRecord({"w": Array(np.float32(w + 0.5 * (x.mean(0) - w)))})
+
+    reps = [_reply(1, [2.0, 2.0]), _reply(2, [2.0, 2.0])]  # pool mean (1, 1), both accepted
+    glob = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
+    s = FedIDM(half, _loss, _predict, 3, finetune=True, finetune_from=2, min_available_nodes=1)
+    list(s.configure_train(1, glob, ConfigRecord({}), FakeGrid([1, 2])))
+    new = s.aggregate_train(1, reps)[0]  # round 1: the plain mean (2, 2), no server training
+    np.testing.assert_allclose(new["w"].numpy(), [2.0, 2.0])
+    assert s.history[1]["finetuned"] is False
+    list(s.configure_train(2, new, ConfigRecord({}), FakeGrid([1, 2])))
+    # round 2: pool mean (4, 4), g_0 = (1, 1) = each update: accepted; the mean (3, 3), then
+    # halfway to (4, 4)
+    sx, sy = ((4.0, 4.0),), (2,)
+    reps = [_reply(1, [3.0, 3.0], sx=sx, sy=sy), _reply(2, [3.0, 3.0], sx=sx, sy=sy)]
+    np.testing.assert_allclose(s.aggregate_train(2, reps)[0]["w"].numpy(), [3.5, 3.5])
+    assert s.history[2]["finetuned"] is True and s.history[2]["num_accepted"] == 2
+
+
 def test_client_rectification_drops_a_label_flipped_set():
     # the model predicts the first coordinate: nodes 1-4 agree with 2/2, 1/2, 2/2, 0/2 labels;
     # median 0.75, threshold 0.6 * 0.75 = 0.45: only node 4's set is dropped (0.6 without the

@@ -31,7 +31,13 @@ M = [
         "trusted = self.trusted if self.trusted_only else None",
         "trusted = None",
     ),
-    ("finetune skipped", "        if self.finetune:\n", "        if False:\n"),
+    ("finetune skipped", 'if row["finetuned"]:', "if False:"),
+    ("finetune-from ignored", "server_round >= self.finetune_from", "server_round >= 1"),
+    (
+        "finetune-from off by one",
+        "server_round >= self.finetune_from",
+        "server_round > self.finetune_from",
+    ),
     (
         "client rectification: >= -> <",
         "keep = agree >= self.rectify_min_agree",

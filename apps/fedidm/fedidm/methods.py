@@ -33,6 +33,7 @@ def make_fedidm(cfg, num_nodes: int = 0, num_classes: int = 10, **_: Any) -> Fed
         fallback=cfg["fallback"],
         rectify=cfg["rectify"],
         finetune=cfg["finetune"],
+        finetune_from=cfg["finetune-from"],
         **guard_kwargs(cfg),
     )
 

@@ -44,6 +44,7 @@ SCHEMA: dict[str, C.Option] = C.compose(
         "fallback": C.Option("condensed", choices=("condensed", "keep"), help="all rejected"),
         "rectify": C.Option("client", choices=("client", "sample", "none"), help="rectification"),
         "finetune": C.Option(True, help="server trains the aggregate on the condensed set"),
+        "finetune-from": C.Option(1, C.positive, "first round of finetune > 0 (2: not round 1)"),
         # --- baselines
         "root-size": C.Option(100, C.positive, "FLTrust clean root set size > 0"),
         "trim-beta": C.Option(0.2, lambda v: 0 <= v < 0.5, "FedTrimmedAvg beta in [0, 0.5)"),

@@ -224,3 +224,12 @@ def test_participation_gap_smoke(tmp_path):
     final = rec["extra"]["final"]
     assert final["part_train_accuracy_mean"] > 0.3 and "participation_gap_accuracy" in final
     assert "accuracy" in final and "acc_std_last10" in final  # the app's own columns stay
+
+
+def test_finetune_from_reaches_the_strategy():
+    for value in (1, 2):
+        cfg = task.parse_config({**TINY, "finetune-from": value})
+        strategy = cfg.method.strategy(cfg, num_nodes=5, num_classes=10)
+        assert strategy.finetune and strategy.finetune_from == value
+    with pytest.raises(ConfigError, match=r"^run config finetune-from=0"):
+        task.parse_config({"finetune-from": 0})
