@@ -23,11 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedidm.task import detection_counts  # noqa: E402
+from fedidm.experiments import detection_row as row  # noqa: E402
 
-from flowerbed.simulation.table import collect, mean_std  # noqa: E402
-
-COUNTS = ("tp", "fp", "fn", "attacker_updates", "benign_updates")
+from flowerbed.simulation.table import collect  # noqa: E402
 
 
 def runs(folders: list[str]) -> dict[tuple, dict]:
@@ -44,26 +42,6 @@ def runs(folders: list[str]) -> dict[tuple, dict]:
                 print(f"duplicate {key} seed {c['seed']}: later one kept", file=sys.stderr)
             out[key][c["seed"]] = r
     return out
-
-
-def row(by_seed: dict[int, dict]) -> dict:
-    """Mean ± std of the per-run means, and the pooled counts of every round of every seed."""
-    finals = [r["extra"]["final"] for r in by_seed.values()]
-    total = dict.fromkeys(COUNTS, 0)
-    for r in by_seed.values():
-        for k, v in detection_counts(r["rounds"]).items():
-            if k in total:
-                total[k] += v
-    tp, fp, fn = total["tp"], total["fp"], total["fn"]
-    return {
-        "precision": mean_std([f["detect_precision"] for f in finals]),
-        "recall": mean_std([f["detect_recall"] for f in finals]),
-        "pooled_precision": tp / (tp + fp) if tp + fp else 1.0,
-        "pooled_recall": tp / (tp + fn) if tp + fn else 1.0,
-        "benign_rejected": fp / total["benign_updates"] if total["benign_updates"] else 0.0,
-        "seeds": sorted(by_seed),
-        **total,
-    }
 
 
 def table(folders: list[str]) -> list[str]:

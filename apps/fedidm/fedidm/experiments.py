@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from fedidm.methods import METHODS as TABLE
+from flowerbed.common.results import git_commit
 from flowerbed.simulation.table import collect, mean_std
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -324,10 +325,32 @@ def matrix_table(found: dict[Cell, dict], fraction: float) -> list[str]:
     return out
 
 
-def detection_table(found: dict[Cell, dict]) -> list[str]:
-    """FedIDM and FLTrust: per-run means and the counts pooled over rounds and seeds."""
+def detection_row(by_seed: dict[int, dict]) -> dict:
+    """One detection cell from its runs (seed -> results): mean ± std over seeds of the per-run
+    ``detect_precision`` / ``detect_recall``, and the counts of
+    :func:`fedidm.task.detection_counts` pooled over every round of every seed (precision
+    tp / (tp + fp), recall tp / (tp + fn), benign rejected fp / benign updates)."""
     from fedidm.task import detection_counts
 
+    finals = [r["extra"]["final"] for r in by_seed.values()]
+    total: dict[str, int] = defaultdict(int)
+    for r in by_seed.values():
+        for k, v in detection_counts(r["rounds"]).items():
+            total[k] += v
+    tp, fp, fn = total["tp"], total["fp"], total["fn"]
+    return {
+        "precision": mean_std([f.get("detect_precision", 1.0) for f in finals]),
+        "recall": mean_std([f.get("detect_recall", 0.0) for f in finals]),
+        "pooled_precision": tp / (tp + fp) if tp + fp else 1.0,
+        "pooled_recall": tp / (tp + fn) if tp + fn else 1.0,
+        "benign_rejected": fp / total["benign_updates"] if total["benign_updates"] else 0.0,
+        "seeds": sorted(by_seed),
+        **total,
+    }
+
+
+def detection_table(found: dict[Cell, dict]) -> list[str]:
+    """FedIDM and FLTrust: per-run means and the counts pooled over rounds and seeds."""
     out = [
         "| method | fraction | attack | precision (mean of rounds) | recall (mean of rounds) | "
         "pooled precision | pooled recall | tp / fp / fn | benign rejected | seeds |",
@@ -339,20 +362,12 @@ def detection_table(found: dict[Cell, dict]) -> list[str]:
                 runs = _runs(found, m, a, f)
                 if not runs:
                     continue
-                tot: dict[str, int] = defaultdict(int)
-                for r in runs.values():
-                    for k, v in detection_counts(r["rounds"]).items():
-                        tot[k] += v
-                tp, fp, fn = tot["tp"], tot["fp"], tot["fn"]
-                finals = [r["extra"]["final"] for r in runs.values()]
-                p = _fmt(mean_std([x.get("detect_precision", 1.0) for x in finals]))
-                q = _fmt(mean_std([x.get("detect_recall", 0.0) for x in finals]))
-                pp = tp / (tp + fp) if tp + fp else 1.0
-                pr = tp / (tp + fn) if tp + fn else 1.0
-                benign = fp / tot["benign_updates"] if tot["benign_updates"] else 0.0
+                d = detection_row(runs)
                 out.append(
-                    f"| {m} | {f:.0%} | {a} | {p} | {q} | {pp:.3f} | {pr:.3f} | "
-                    f"{tp} / {fp} / {fn} | {benign:.3f} | {','.join(map(str, sorted(runs)))} |"
+                    f"| {m} | {f:.0%} | {a} | {_fmt(d['precision'])} | {_fmt(d['recall'])} | "
+                    f"{d['pooled_precision']:.3f} | {d['pooled_recall']:.3f} | "
+                    f"{d['tp']} / {d['fp']} / {d['fn']} | {d['benign_rejected']:.3f} | "
+                    f"{','.join(map(str, d['seeds']))} |"
                 )
     return out
 
@@ -388,13 +403,9 @@ def plot(found: dict[Cell, dict], fraction: float, path: Path) -> None:
 
 
 def head_commit() -> str:
-    """The repository's commit (``-dirty`` with uncommitted changes to tracked files)."""
-
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return git("rev-parse", "--short=7", "HEAD") + ("-dirty" if dirty else "")
+    """The repository's short commit (``-dirty`` with uncommitted changes to tracked files)."""
+    full = git_commit(ROOT)
+    return full[:7] + ("-dirty" if full.endswith("-dirty") else "")
 
 
 def write_reports(found: dict[Cell, dict], results: Path, fractions=FRACTIONS) -> list[Path]:
