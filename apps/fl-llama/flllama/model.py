@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -146,7 +147,11 @@ def prepare_local(path: str | Path, force: bool = False, log=print) -> Path:
         return out
     if src.is_file() and src.suffix == ".gguf":
         convert_gguf(src, out, log=log)
-        _check_llama(out, str(path))
+        try:
+            _check_llama(out, str(path))
+        except ModelOptionError:
+            shutil.rmtree(out)  # else check_model would accept the cached non-LLaMA model
+            raise
     elif src.is_dir() and (src / "config.json").exists():
         _check_llama(src, str(path))
         log(f"[fl-llama] loading {src} (fp32)...")

@@ -4,6 +4,7 @@ missing path stops with one line before any work, a path model runs in process w
 tokenizer, and ``device=cpu`` keeps every block, optimizer state and exchanged tensor on the CPU."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -100,7 +101,6 @@ def test_path_model_is_prepared_and_gives_the_same_logits(cache, tmp_path, capsy
     # cached: a second prepare converts nothing; the source may go, the cache stays usable
     prepare.main(["--model", str(src)])
     assert "already cached" in capsys.readouterr().out
-    import shutil
 
     shutil.rmtree(src)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_path_model_is_prepared_and_gives_the_same_logits(cache, tmp_path, capsy
         )
 
 
-def test_bad_model_value_is_one_line_before_any_work(cache, tmp_path):
+def test_bad_model_value_is_one_line_before_any_work(cache, tmp_path, monkeypatch):
     for bad in ("/no/such/llama", "llama-3b-random"):
         with pytest.raises(ConfigError, match=r"^run config model '.*': not one of smollm2-135m, "):
             task.parse_config({"model": bad})
@@ -124,6 +124,15 @@ def test_bad_model_value_is_one_line_before_any_work(cache, tmp_path):
         prepare.main(["--model", str(gpt)])
     with pytest.raises(SystemExit, match=r"neither a folder with config.json nor a .gguf file"):
         prepare.main(["--model", str(tmp_path)])
+    # a .gguf file that converts to a non-LLaMA: stopped, and nothing is left in the cache
+    fake = tmp_path / "gpt.gguf"
+    fake.write_bytes(b"")
+    monkeypatch.setattr(M, "convert_gguf", lambda src, out, log: shutil.copytree(gpt, out))
+    with pytest.raises(SystemExit, match=r"model_type 'gpt2', not a LLaMA-architecture"):
+        prepare.main(["--model", str(fake)])
+    assert not M.local_dir(fake).exists()
+    with pytest.raises(ConfigError, match=r"gpt.gguf': not prepared"):
+        task.parse_config({"model": str(fake)})
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^run config device='cuda': no CUDA device here"):
             task.parse_config({**TINY, "device": "cuda"})
